@@ -1,0 +1,153 @@
+//! The HTTP layer: routes, shared state, the middleware stack (HTTP spans, metrics, panics).
+//!
+//! `app(state)` builds the whole router so tests drive it with `oneshot`; `serve`
+//! in `lib.rs` binds it. This layer knows jobs only through `jobs::JobManager`.
+
+pub mod admin;
+pub mod error;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
+
+use crate::collector::CollectorHandle;
+use crate::config::Config;
+use crate::metrics::{HttpLabels, Metrics};
+use crate::telemetry;
+pub use error::{ApiError, ErrorBody};
+
+/// Result of the backend's readiness probe: `Ok(description)` or `Err(what is missing)`.
+pub type BackendStatus = Arc<std::sync::RwLock<Result<String, String>>>;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub collector: CollectorHandle,
+    pub backend_status: BackendStatus,
+    /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending work.
+    pub draining: Arc<AtomicBool>,
+    /// Whether spans are exported (for diagnostics).
+    pub exporting: bool,
+}
+
+impl AppState {
+    pub fn readiness(&self) -> admin::Readiness {
+        let mut checks = Vec::new();
+        let sampled = self.collector.has_sample();
+        checks.push(admin::ReadinessCheck {
+            name: "collector",
+            ok: sampled,
+            detail: if sampled { "first resource sample taken".into() } else { "waiting for the first resource sample".into() },
+        });
+        let backend = self.backend_status.read().unwrap_or_else(|e| e.into_inner()).clone();
+        checks.push(admin::ReadinessCheck {
+            name: "backend",
+            ok: backend.is_ok(),
+            detail: match backend {
+                Ok(d) => format!("{} backend usable: {d}", self.config.backend.as_str()),
+                Err(e) => format!("{} backend not usable: {e}", self.config.backend.as_str()),
+            },
+        });
+        let draining = self.draining.load(Ordering::Acquire);
+        checks.push(admin::ReadinessCheck {
+            name: "accepting",
+            ok: !draining,
+            detail: if draining { "shutting down: draining jobs".into() } else { "accepting jobs".into() },
+        });
+        admin::Readiness { ready: checks.iter().all(|c| c.ok), checks }
+    }
+}
+
+fn admin_routes(r: Router<AppState>) -> Router<AppState> {
+    r.route("/metrics", get(admin::metrics)).route("/healthz", get(admin::healthz)).route("/readyz", get(admin::readyz))
+}
+
+/// The API routes (jobs, avatars), without admin routes.
+fn api_routes() -> Router<AppState> {
+    Router::new()
+}
+
+fn finish(r: Router<AppState>, state: AppState) -> Router {
+    let r = r.fallback(error::not_found).method_not_allowed_fallback(error::method_not_allowed).with_state(state.clone());
+    with_stack(r, state)
+}
+
+/// Admin routes alone (for a separate `--admin-listen` listener).
+pub fn admin_router(state: AppState) -> Router {
+    finish(admin_routes(Router::new()), state)
+}
+
+/// The whole service on one listener: API plus admin routes unless `--admin-listen` moves them.
+pub fn app(state: AppState) -> Router {
+    let mut r = api_routes();
+    if state.config.admin_listen.is_none() {
+        r = admin_routes(r);
+    }
+    finish(r, state)
+}
+
+/// The one middleware stack: every request gets a server span and a duration
+/// observation; a panicking handler becomes a JSON 500 and the service keeps running.
+fn with_stack(router: Router, state: AppState) -> Router {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn_with_state(state, http_telemetry))
+            .layer(CatchPanicLayer::custom(panic_response)),
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
+    ApiError::internal("the request handler failed unexpectedly; the service keeps running").into_response()
+}
+
+/// HTTP server span per the OpenTelemetry HTTP conventions (`{METHOD} {route}`), with
+/// the incoming `traceparent` honoured, and `http_server_request_duration_seconds`.
+async fn http_telemetry(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    {
+        let started = Instant::now();
+        let method = req.method().as_str().to_string();
+        let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+        let span_name = match &route {
+            Some(r) => format!("{method} {r}"),
+            None => method.clone(),
+        };
+        let span = tracing::info_span!(
+            "http_request",
+            otel.name = %span_name,
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = route.as_deref().unwrap_or(""),
+            url.path = %req.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::set_parent(&span, telemetry::extract(req.headers()));
+        let response = next.run(req).instrument(span.clone()).await;
+        let status = response.status().as_u16();
+        span.record("http.response.status_code", status);
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        state
+            .metrics
+            .http_duration
+            .get_or_create(&HttpLabels {
+                http_request_method: method,
+                http_route: route.unwrap_or_else(|| "unmatched".into()),
+                http_response_status_code: status,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+}

@@ -1,0 +1,550 @@
+//! The resource collector: samples CPU, memory, process trees and GPUs on its own interval.
+//!
+//! Each source lives in its own file behind [`Source`] (as node_exporter's collectors
+//! do) and fills its part of one [`Sample`]. A dedicated thread samples every
+//! `--sample-interval`, publishes gauges, reports per-source health
+//! (`musetalk_collector_up`, `musetalk_collector_sample_duration_seconds`) and pushes
+//! the sample into a bounded [`ring::Ring`] that answers "average and peak between t0
+//! and t1" for per-job reports. A scrape only reads what the last sample published:
+//! it never triggers collection. The collector knows nothing of jobs: jobs register
+//! process trees by root pid and read windows back.
+
+pub mod cpu;
+pub mod gpu;
+pub mod memory;
+pub mod nvml;
+pub mod process;
+pub mod ring;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::metrics::{CpuLabels, GpuLabels, GpuTaskLabels, MemoryStateLabels, Metrics, ModeLabels, SourceLabels};
+pub use ring::{AvgPeak, GpuWindow, Ring, TreeWindow, Window};
+
+/// The bounded set of sources (the `source` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceName {
+    Cpu,
+    Memory,
+    Process,
+    Gpu,
+}
+
+impl SourceName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceName::Cpu => "cpu",
+            SourceName::Memory => "memory",
+            SourceName::Process => "process",
+            SourceName::Gpu => "gpu",
+        }
+    }
+}
+
+/// Why a source produced nothing this time.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source cannot work on this machine (no NVML library, no GPU): "no data", not a fault.
+    #[error("no data: {0}")]
+    Unavailable(String),
+    /// Reading failed this time (a /proc file, an NVML call).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One source of resource figures. `collect` fills its part of `sample`; the
+/// collector times it and records its health.
+pub trait Source: Send {
+    fn name(&self) -> SourceName;
+    fn collect(&mut self, sample: &mut Sample, trees: &[TreeRegistration]) -> Result<(), SourceError>;
+}
+
+/// Host CPU: busy share per logical CPU and overall, over the last interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuSample {
+    pub per_cpu: Vec<f64>,
+    pub total: f64,
+}
+
+/// Host memory in bytes (`used` = total − free − buffers − cached, as `free(1)` counts it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemorySample {
+    pub total: u64,
+    pub used: u64,
+    pub free: u64,
+    pub cached: u64,
+    pub buffers: u64,
+}
+
+/// One GPU's figures; a field is `None` when the driver does not report it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuSample {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub util_general: Option<f64>,
+    pub util_encoder: Option<f64>,
+    pub util_decoder: Option<f64>,
+    pub memory_used: Option<u64>,
+    pub memory_total: Option<u64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    /// Processes using this GPU (host pids), with their memory and SM share when known.
+    pub processes: Vec<GpuProcess>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub memory_used: Option<u64>,
+    pub sm_util: Option<f64>,
+}
+
+/// A process tree registered by a job or worker: followed from its root every sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TreeRegistration {
+    pub key: u64,
+    pub root_pid: u32,
+    /// `simple` or `realtime`: the `mode` label of the pipeline gauges.
+    pub mode: &'static str,
+    /// The first CPU delta of the tree is measured from here.
+    pub registered_at: Instant,
+}
+
+/// What one sample saw of one registered tree.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TreeSample {
+    pub key: u64,
+    pub mode: &'static str,
+    pub pids: Vec<u32>,
+    /// Share of all logical CPUs used by the tree over the last interval (0–1).
+    pub cpu_ratio: f64,
+    pub rss_bytes: u64,
+    /// Filled by the GPU source: memory the tree's processes hold on any GPU.
+    pub gpu_memory_bytes: Option<u64>,
+    /// Filled by the GPU source: SM share of the tree's processes (max over GPUs, 0–1).
+    pub gpu_util: Option<f64>,
+}
+
+/// One sampling round. Sources that failed leave their part `None`.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at: Instant,
+    pub wall: SystemTime,
+    pub cpu: Option<CpuSample>,
+    pub memory: Option<MemorySample>,
+    pub gpus: Option<Vec<GpuSample>>,
+    pub trees: Vec<TreeSample>,
+    pub sidecar: Option<crate::metrics::SelfProcess>,
+}
+
+impl Sample {
+    pub fn new(at: Instant) -> Self {
+        Sample { at, wall: SystemTime::now(), cpu: None, memory: None, gpus: None, trees: Vec::new(), sidecar: None }
+    }
+}
+
+/// Shared handle: register process trees, query windows, check readiness.
+#[derive(Clone)]
+pub struct CollectorHandle {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    trees: Mutex<HashMap<u64, TreeRegistration>>,
+    next_key: AtomicU64,
+    ring: RwLock<Ring>,
+    has_sample: AtomicBool,
+    source_up: Mutex<HashMap<SourceName, bool>>,
+    interval: Duration,
+}
+
+/// Unregisters its tree when dropped, so a failed job never leaves a tree behind.
+#[must_use = "the tree is unregistered when the guard drops"]
+pub struct TreeGuard {
+    key: u64,
+    handle: CollectorHandle,
+}
+
+impl TreeGuard {
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        self.handle.inner.trees.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
+impl CollectorHandle {
+    fn new(capacity: usize, interval: Duration) -> Self {
+        CollectorHandle {
+            inner: Arc::new(Shared {
+                trees: Mutex::default(),
+                next_key: AtomicU64::new(1),
+                ring: RwLock::new(Ring::new(capacity)),
+                has_sample: AtomicBool::new(false),
+                source_up: Mutex::default(),
+                interval,
+            }),
+        }
+    }
+
+    /// Follows `root_pid` and its descendants from the next sample on.
+    pub fn register_tree(&self, root_pid: u32, mode: &'static str) -> TreeGuard {
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        self.inner.trees.lock().unwrap_or_else(|e| e.into_inner()).insert(key, TreeRegistration { key, root_pid, mode, registered_at: Instant::now() });
+        TreeGuard { key, handle: self.clone() }
+    }
+
+    /// Average and peak of every source between `from` and `to`, and of tree `tree` if given.
+    pub fn window(&self, from: Instant, to: Instant, tree: Option<u64>) -> Window {
+        self.inner.ring.read().unwrap_or_else(|e| e.into_inner()).window(from, to, tree)
+    }
+
+    /// The most recent samples (oldest first), at most `n`.
+    pub fn recent(&self, n: usize) -> Vec<Arc<Sample>> {
+        self.inner.ring.read().unwrap_or_else(|e| e.into_inner()).recent(n)
+    }
+
+    /// True once the first sample is in.
+    pub fn has_sample(&self) -> bool {
+        self.inner.has_sample.load(Ordering::Acquire)
+    }
+
+    /// Health of each source as of its last sample.
+    pub fn source_health(&self) -> Vec<(SourceName, bool)> {
+        let mut v: Vec<_> = self.inner.source_up.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort_by_key(|(k, _)| k.as_str());
+        v
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.inner.interval
+    }
+
+    fn registrations(&self) -> Vec<TreeRegistration> {
+        self.inner.trees.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+/// Owns the sources and the sampling thread; [`Collector::stop`] joins it.
+pub struct Collector {
+    handle: CollectorHandle,
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    /// The sources of this machine: /proc CPU, memory and processes, and NVML when it loads.
+    pub fn default_sources() -> Vec<Box<dyn Source>> {
+        vec![
+            Box::new(cpu::CpuSource::new()),
+            Box::new(memory::MemorySource),
+            Box::new(process::ProcessSource::new()),
+            Box::new(gpu::GpuSource::new(nvml::NvmlDevices::init())),
+        ]
+    }
+
+    /// Starts sampling on a dedicated thread (sampling must not wait behind busy async workers).
+    pub fn start(sources: Vec<Box<dyn Source>>, metrics: Arc<Metrics>, interval: Duration, capacity: usize) -> Collector {
+        let handle = CollectorHandle::new(capacity, interval);
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let mut sampler = Sampler { sources, metrics, handle: handle.clone(), logged_down: HashMap::new() };
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || {
+                let (lock, cvar) = &*stop2;
+                let mut next = Instant::now();
+                loop {
+                    sampler.sample_once();
+                    next += interval;
+                    let now = Instant::now();
+                    if next < now {
+                        // Fell behind (suspended machine, slow source): skip, don't burst.
+                        next = now + interval;
+                    }
+                    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (guard, _) = cvar
+                        .wait_timeout_while(guard, next.saturating_duration_since(Instant::now()), |stopped| !*stopped)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *guard {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the collector thread");
+        Collector { handle, stop, thread: Some(thread) }
+    }
+
+    pub fn handle(&self) -> CollectorHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the sampling thread and waits for it.
+    pub fn stop(&mut self) {
+        let (lock, cvar) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cvar.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The sampling loop's state; also driven directly by tests and benchmarks.
+pub struct Sampler {
+    sources: Vec<Box<dyn Source>>,
+    metrics: Arc<Metrics>,
+    handle: CollectorHandle,
+    logged_down: HashMap<SourceName, bool>,
+}
+
+impl Sampler {
+    /// A sampler without a thread, for tests and benchmarks.
+    pub fn new(sources: Vec<Box<dyn Source>>, metrics: Arc<Metrics>, capacity: usize, interval: Duration) -> Self {
+        Sampler { sources, metrics, handle: CollectorHandle::new(capacity, interval), logged_down: HashMap::new() }
+    }
+
+    pub fn handle(&self) -> CollectorHandle {
+        self.handle.clone()
+    }
+
+    /// One round: every source in order (process before gpu: the GPU source attributes
+    /// memory to the trees the process source just walked), then publish and store.
+    pub fn sample_once(&mut self) -> Arc<Sample> {
+        let trees = self.handle.registrations();
+        let mut sample = Sample::new(Instant::now());
+        for source in &mut self.sources {
+            let name = source.name();
+            let t0 = Instant::now();
+            let result = source.collect(&mut sample, &trees);
+            let labels = SourceLabels { source: name.as_str() };
+            self.metrics.collector_sample_duration.get_or_create(&labels).observe(t0.elapsed().as_secs_f64());
+            let up = result.is_ok();
+            self.metrics.collector_up.get_or_create(&labels).set(up as i64);
+            self.handle.inner.source_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name, up);
+            // Log transitions only: a missing GPU is one line at start, not one per sample.
+            let was_down = self.logged_down.get(&name).copied().unwrap_or(false);
+            match result {
+                Err(e) if !was_down => {
+                    match e {
+                        SourceError::Unavailable(_) => tracing::info!(source = name.as_str(), "resource source has no data: {e}"),
+                        SourceError::Failed(_) => tracing::warn!(source = name.as_str(), "resource source failed: {e}"),
+                    }
+                    self.logged_down.insert(name, true);
+                }
+                Ok(()) if was_down => {
+                    tracing::info!(source = name.as_str(), "resource source recovered");
+                    self.logged_down.insert(name, false);
+                }
+                _ => {}
+            }
+        }
+        publish(&self.metrics, &sample);
+        let sample = Arc::new(sample);
+        self.handle.inner.ring.write().unwrap_or_else(|e| e.into_inner()).push(sample.clone());
+        self.handle.inner.has_sample.store(true, Ordering::Release);
+        sample
+    }
+}
+
+/// Sets the gauges from a sample. Families of a source that produced nothing are
+/// cleared, so a vanished GPU is absent rather than frozen at its last value.
+pub fn publish(m: &Metrics, s: &Sample) {
+    if let Some(cpu) = &s.cpu {
+        for (i, v) in cpu.per_cpu.iter().enumerate() {
+            m.system_cpu_utilization.get_or_create(&CpuLabels { cpu: i.to_string() }).set(*v);
+        }
+    }
+    if let Some(mem) = &s.memory {
+        for (state, v) in [("used", mem.used), ("free", mem.free), ("cached", mem.cached), ("buffers", mem.buffers)] {
+            m.system_memory_usage.get_or_create(&MemoryStateLabels { state }).set(v as f64);
+        }
+        m.system_memory_limit.set(mem.total as f64);
+    }
+    m.gpu_utilization.clear();
+    m.gpu_memory_usage.clear();
+    m.gpu_memory_limit.clear();
+    m.gpu_temperature.clear();
+    m.gpu_power.clear();
+    for g in s.gpus.iter().flatten() {
+        let l = GpuLabels { gpu: g.index.to_string(), hw_id: g.uuid.clone(), hw_model: g.name.clone() };
+        for (task, v) in [("general", g.util_general), ("encoder", g.util_encoder), ("decoder", g.util_decoder)] {
+            if let Some(v) = v {
+                let tl = GpuTaskLabels { gpu: l.gpu.clone(), hw_id: l.hw_id.clone(), hw_model: l.hw_model.clone(), hw_gpu_task: task };
+                m.gpu_utilization.get_or_create(&tl).set(v);
+            }
+        }
+        let set = |fam: &prometheus_client::metrics::family::Family<GpuLabels, crate::metrics::FGauge>, v: Option<f64>| {
+            if let Some(v) = v {
+                fam.get_or_create(&l).set(v);
+            }
+        };
+        set(&m.gpu_memory_usage, g.memory_used.map(|v| v as f64));
+        set(&m.gpu_memory_limit, g.memory_total.map(|v| v as f64));
+        set(&m.gpu_temperature, g.temperature_celsius);
+        set(&m.gpu_power, g.power_watts);
+    }
+    // Pipeline gauges: summed per mode; both modes always present (0 when idle).
+    for mode in ["simple", "realtime"] {
+        let trees = s.trees.iter().filter(|t| t.mode == mode);
+        let (cpu, rss, gpu) = trees.fold((0.0, 0u64, None::<u64>), |(c, r, g), t| {
+            (c + t.cpu_ratio, r + t.rss_bytes, match (g, t.gpu_memory_bytes) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            })
+        });
+        let l = ModeLabels { mode };
+        m.pipeline_cpu_utilization.get_or_create(&l).set(cpu);
+        m.pipeline_memory_rss.get_or_create(&l).set(rss as f64);
+        if s.gpus.is_some() {
+            m.pipeline_gpu_memory.get_or_create(&l).set(gpu.unwrap_or(0) as f64);
+        } else {
+            m.pipeline_gpu_memory.remove(&l);
+        }
+    }
+    if let Some(p) = &s.sidecar {
+        m.set_self_process(p.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic source: returns scripted results in turn.
+    struct Scripted {
+        name: SourceName,
+        results: Vec<Result<f64, SourceError>>,
+    }
+
+    impl Source for Scripted {
+        fn name(&self) -> SourceName {
+            self.name
+        }
+        fn collect(&mut self, s: &mut Sample, trees: &[TreeRegistration]) -> Result<(), SourceError> {
+            let r = if self.results.is_empty() { Ok(0.5) } else { self.results.remove(0) };
+            let v = r?;
+            match self.name {
+                SourceName::Cpu => s.cpu = Some(CpuSample { per_cpu: vec![v, v], total: v }),
+                SourceName::Memory => {
+                    s.memory = Some(MemorySample { total: 100, used: (v * 100.0) as u64, free: 10, cached: 5, buffers: 1 })
+                }
+                SourceName::Process => {
+                    s.trees = trees
+                        .iter()
+                        .map(|t| TreeSample { key: t.key, mode: t.mode, pids: vec![t.root_pid], cpu_ratio: v, rss_bytes: 1000, ..Default::default() })
+                        .collect()
+                }
+                SourceName::Gpu => {
+                    s.gpus = Some(vec![GpuSample {
+                        index: 0,
+                        uuid: "GPU-x".into(),
+                        name: "Test GPU".into(),
+                        util_general: Some(v),
+                        memory_used: Some(10),
+                        memory_total: Some(100),
+                        ..Default::default()
+                    }])
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn scripted(name: SourceName, results: Vec<Result<f64, SourceError>>) -> Box<dyn Source> {
+        Box::new(Scripted { name, results })
+    }
+
+    #[test]
+    fn source_failure_sets_up_zero_and_recovers() {
+        let metrics = Arc::new(Metrics::new());
+        let mut s = Sampler::new(
+            vec![
+                scripted(SourceName::Cpu, vec![Ok(0.2), Err(SourceError::Failed("boom".into())), Ok(0.4)]),
+                scripted(SourceName::Gpu, (0..3).map(|_| Err(SourceError::Unavailable("no NVML".into()))).collect()),
+            ],
+            metrics.clone(),
+            16,
+            Duration::from_millis(500),
+        );
+        s.sample_once();
+        let text = metrics.render(false).1;
+        assert!(text.contains("musetalk_collector_up{source=\"cpu\"} 1"), "{text}");
+        assert!(text.contains("musetalk_collector_up{source=\"gpu\"} 0"), "{text}");
+        assert!(!text.contains("hw_gpu_utilization_ratio{"), "no GPU: hw_* absent, not zero\n{text}");
+        assert!(!text.contains("musetalk_pipeline_gpu_memory_bytes{"), "{text}");
+        let second = s.sample_once();
+        assert!(second.cpu.is_none());
+        assert!(metrics.render(false).1.contains("musetalk_collector_up{source=\"cpu\"} 0"));
+        s.sample_once();
+        assert!(metrics.render(false).1.contains("musetalk_collector_up{source=\"cpu\"} 1"));
+        assert!(metrics.render(false).1.contains("system_cpu_utilization_ratio{cpu=\"1\"} 0.4"));
+        assert_eq!(s.handle().source_health(), vec![(SourceName::Cpu, true), (SourceName::Gpu, false)]);
+    }
+
+    #[test]
+    fn gpu_series_disappear_when_the_gpu_does() {
+        let metrics = Arc::new(Metrics::new());
+        let mut s = Sampler::new(
+            vec![scripted(SourceName::Gpu, vec![Ok(0.7), Err(SourceError::Failed("lost".into()))])],
+            metrics.clone(),
+            16,
+            Duration::from_millis(500),
+        );
+        s.sample_once();
+        let text = metrics.render(false).1;
+        assert!(text.contains("hw_gpu_utilization_ratio{gpu=\"0\",hw_id=\"GPU-x\",hw_model=\"Test GPU\",hw_gpu_task=\"general\"} 0.7"), "{text}");
+        assert!(text.contains("hw_gpu_memory_limit_bytes{gpu=\"0\",hw_id=\"GPU-x\",hw_model=\"Test GPU\"} 100"), "{text}");
+        s.sample_once();
+        assert!(!metrics.render(false).1.contains("hw_gpu_utilization_ratio{"));
+    }
+
+    #[test]
+    fn trees_are_sampled_while_registered() {
+        let metrics = Arc::new(Metrics::new());
+        let mut s = Sampler::new(vec![scripted(SourceName::Process, vec![])], metrics.clone(), 16, Duration::from_millis(500));
+        let h = s.handle();
+        let guard = h.register_tree(4242, "simple");
+        let t0 = Instant::now();
+        let sample = s.sample_once();
+        assert_eq!(sample.trees.len(), 1);
+        assert_eq!(sample.trees[0].pids, vec![4242]);
+        assert!(metrics.render(false).1.contains("musetalk_pipeline_memory_rss_bytes{mode=\"simple\"} 1000"));
+        let w = h.window(t0, Instant::now(), Some(guard.key()));
+        assert_eq!(w.tree.unwrap().rss.peak, 1000.0);
+        drop(guard);
+        assert!(s.sample_once().trees.is_empty());
+        assert!(metrics.render(false).1.contains("musetalk_pipeline_memory_rss_bytes{mode=\"simple\"} 0"));
+    }
+
+    #[test]
+    fn thread_samples_on_its_interval_and_stops() {
+        let metrics = Arc::new(Metrics::new());
+        let mut c = Collector::start(vec![scripted(SourceName::Cpu, vec![])], metrics, Duration::from_millis(50), 100);
+        let h = c.handle();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.recent(100).len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(h.has_sample());
+        c.stop();
+        let n = h.recent(100).len();
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(h.recent(100).len(), n, "no sampling after stop");
+        assert!(n >= 3);
+    }
+}

@@ -1,0 +1,416 @@
+//! The one typed configuration of the service: flags, `MUSETALK_SIDECAR_*` env vars and an optional TOML file.
+//!
+//! Precedence (highest first): command-line flag, environment variable, TOML file
+//! (`--config`), built-in default. Standard `OTEL_*` variables are read by the
+//! fields that name them, so a deployment configured for any OpenTelemetry SDK
+//! works unchanged.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// Which pipeline runs the jobs (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// ffmpeg only: the input video looped to the audio's length and re-muxed. No model.
+    Preview,
+    /// MuseTalk's own `scripts.inference`, one subprocess per job.
+    Musetalk,
+    /// Any pipeline given as an argv template (`--pipeline-command`).
+    Command,
+}
+
+impl BackendKind {
+    /// The bounded label value used on metrics and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Preview => "preview",
+            BackendKind::Musetalk => "musetalk",
+            BackendKind::Command => "command",
+        }
+    }
+}
+
+/// OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (tonic), usually port 4317.
+    #[value(name = "grpc")]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies, usually port 4318.
+    #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// Everything `serve` needs. Every field is a `--flag`, a `MUSETALK_SIDECAR_*`
+/// variable and a key of the optional TOML file (the field name, `_` or `-`).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// TOML file with any of these settings (keys are the flag names). Flags and env vars win over it.
+    #[arg(long, env = "MUSETALK_SIDECAR_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address of the API listener.
+    #[arg(long, env = "MUSETALK_SIDECAR_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+
+    /// Separate listener for /metrics, /healthz and /readyz, so a public port never exposes them. Unset: they are served on --listen.
+    #[arg(long, env = "MUSETALK_SIDECAR_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Where job directories (uploads, outputs, logs) live.
+    #[arg(long, env = "MUSETALK_SIDECAR_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Pipeline that runs the jobs.
+    #[arg(long, env = "MUSETALK_SIDECAR_BACKEND", value_enum, default_value = "preview")]
+    pub backend: BackendKind,
+
+    /// MuseTalk repository root (holds scripts/ and models/); required by --backend musetalk.
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_DIR")]
+    pub musetalk_dir: Option<PathBuf>,
+
+    /// Python interpreter that can import MuseTalk's dependencies.
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_PYTHON", default_value = "python3")]
+    pub musetalk_python: String,
+
+    /// MuseTalk model version passed as --version (output lands in RESULT_DIR/VERSION/).
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_VERSION", default_value = "v15")]
+    pub musetalk_version: String,
+
+    /// UNet weights, relative to --musetalk-dir unless absolute.
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_UNET_MODEL_PATH", default_value = "./models/musetalkV15/unet.pth")]
+    pub musetalk_unet_model_path: String,
+
+    /// UNet config JSON, relative to --musetalk-dir unless absolute.
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_UNET_CONFIG", default_value = "./models/musetalkV15/musetalk.json")]
+    pub musetalk_unet_config: String,
+
+    /// Default --batch_size for MuseTalk when a request gives none. Unset: MuseTalk's own default.
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_BATCH_SIZE")]
+    pub musetalk_batch_size: Option<u32>,
+
+    /// Pass --use_float16 to MuseTalk (faster, less GPU memory).
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_FLOAT16", default_value_t = false)]
+    pub musetalk_float16: bool,
+
+    /// Pass --gpu_id to MuseTalk. Unset: MuseTalk's default (0).
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_GPU_ID")]
+    pub musetalk_gpu_id: Option<u32>,
+
+    /// Pipeline for --backend command: an argv template (split like a shell would, but never run by one) with {video}, {audio}, {output} and {workdir} placeholders.
+    #[arg(long, env = "MUSETALK_SIDECAR_PIPELINE_COMMAND")]
+    pub pipeline_command: Option<String>,
+
+    /// Extra KEY=VALUE environment for pipeline processes (they otherwise get a clean environment: PATH, HOME, LANG and CUDA/NVIDIA variables). Repeatable; comma-separated in the env var.
+    #[arg(long = "pipeline-env", env = "MUSETALK_SIDECAR_PIPELINE_ENV", value_delimiter = ',', value_name = "KEY=VALUE")]
+    #[serde(default)]
+    pub pipeline_env: Vec<String>,
+
+    /// ffmpeg executable (the preview backend, probing and MuseTalk's --ffmpeg_path).
+    #[arg(long, env = "MUSETALK_SIDECAR_FFMPEG", default_value = "ffmpeg")]
+    pub ffmpeg: PathBuf,
+
+    /// ffprobe executable (input validation, output duration).
+    #[arg(long, env = "MUSETALK_SIDECAR_FFPROBE", default_value = "ffprobe")]
+    pub ffprobe: PathBuf,
+
+    /// Jobs that run at once; the rest wait in the admission queue.
+    #[arg(long, env = "MUSETALK_SIDECAR_MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    pub max_concurrent_jobs: usize,
+
+    /// Jobs that may wait for a slot; beyond it requests get 429 with Retry-After.
+    #[arg(long, env = "MUSETALK_SIDECAR_QUEUE_SIZE", default_value_t = 16)]
+    pub queue_size: usize,
+
+    /// Resource sampling period (CPU, memory, process trees, GPU).
+    #[arg(long, env = "MUSETALK_SIDECAR_SAMPLE_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+
+    /// How far back the sample ring buffer reaches (bounds per-job resource windows and memory).
+    #[arg(long, env = "MUSETALK_SIDECAR_SAMPLE_RETENTION", default_value = "35m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub sample_retention: Duration,
+
+    /// A job running longer is stopped: SIGTERM to its process group, SIGKILL after --kill-grace.
+    #[arg(long, env = "MUSETALK_SIDECAR_JOB_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+
+    /// Time between SIGTERM and SIGKILL when a pipeline process group is stopped.
+    #[arg(long, env = "MUSETALK_SIDECAR_KILL_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub kill_grace: Duration,
+
+    /// Finished jobs (directory, output, report) are deleted after this long.
+    #[arg(long, env = "MUSETALK_SIDECAR_JOB_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub job_retention: Duration,
+
+    /// At most this many finished jobs are kept (oldest deleted first).
+    #[arg(long, env = "MUSETALK_SIDECAR_MAX_RETAINED_JOBS", default_value_t = 200)]
+    pub max_retained_jobs: usize,
+
+    /// Largest accepted upload per file part, in bytes.
+    #[arg(long, env = "MUSETALK_SIDECAR_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
+    /// On SIGTERM, running jobs get this long to finish before they are cancelled.
+    #[arg(long, env = "MUSETALK_SIDECAR_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+
+    /// File holding the bearer token(s) that /v1/* requires, one per line. Unset: no auth.
+    #[arg(long, env = "MUSETALK_SIDECAR_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Log format on stderr (level filter: RUST_LOG, default info).
+    #[arg(long, env = "MUSETALK_SIDECAR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// OTLP collector base URL (e.g. http://jaeger:4317 for grpc, http://jaeger:4318 for http/protobuf). Unset: no span export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP transport.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum, default_value = "grpc")]
+    pub otlp_protocol: OtlpProtocol,
+
+    /// Trace UI link template for reports, with {trace_id} (e.g. http://jaeger:16686/trace/{trace_id}).
+    #[arg(long, env = "MUSETALK_SIDECAR_TRACE_UI_URL")]
+    pub trace_ui_url: Option<String>,
+}
+
+/// What is wrong with a configuration; each variant names the setting and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    ParseFile { path: PathBuf, source: toml::de::Error },
+    #[error("config file {path}: {message}")]
+    BadFileValue { path: PathBuf, message: String },
+    #[error("--{flag}: {message}")]
+    Invalid { flag: &'static str, message: String },
+}
+
+impl Config {
+    /// Builds the config from parsed arguments, overlaying the TOML file (if any) under
+    /// every value that came from neither a flag nor an environment variable.
+    pub fn from_matches(parsed: Config, matches: &ArgMatches) -> Result<Config, ConfigError> {
+        let Some(path) = parsed.config.clone() else {
+            return Ok(parsed);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
+        let file: toml::Table =
+            toml::from_str(&text).map_err(|source| ConfigError::ParseFile { path: path.clone(), source })?;
+        let bad = |message: String| ConfigError::BadFileValue { path: path.clone(), message };
+        let mut merged = toml::Table::try_from(&parsed).map_err(|e| bad(e.to_string()))?;
+        for (key, value) in file {
+            let id = key.replace('-', "_");
+            let explicit = match matches.try_contains_id(&id) {
+                Ok(_) => matches!(
+                    matches.value_source(&id),
+                    Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+                ),
+                Err(_) => return Err(bad(format!("unknown setting `{key}`"))),
+            };
+            if !explicit {
+                merged.insert(id, value);
+            }
+        }
+        let mut config: Config = merged.try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
+        config.config = Some(path);
+        Ok(config)
+    }
+
+    /// Checks values that clap's types cannot express; filesystem checks that need the
+    /// backend live in the backend's own readiness probe.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |flag, message: &str| Err(ConfigError::Invalid { flag, message: message.to_string() });
+        if self.max_concurrent_jobs == 0 {
+            return invalid("max-concurrent-jobs", "must be at least 1");
+        }
+        if self.sample_interval < Duration::from_millis(50) {
+            return invalid("sample-interval", "must be at least 50ms (CPU usage needs a measurable gap)");
+        }
+        if self.sample_retention < self.sample_interval {
+            return invalid("sample-retention", "must be at least one --sample-interval");
+        }
+        if self.job_timeout.is_zero() {
+            return invalid("job-timeout", "must be greater than zero");
+        }
+        if self.max_upload_bytes == 0 {
+            return invalid("max-upload-bytes", "must be greater than zero");
+        }
+        for kv in &self.pipeline_env {
+            match kv.split_once('=') {
+                Some((k, _)) if !k.is_empty() && !k.contains('\0') => {}
+                _ => return invalid("pipeline-env", &format!("`{kv}` is not KEY=VALUE")),
+            }
+        }
+        match self.backend {
+            BackendKind::Musetalk if self.musetalk_dir.is_none() => {
+                return invalid("musetalk-dir", "is required with --backend musetalk (the MuseTalk repository root)");
+            }
+            BackendKind::Command => {
+                let Some(cmd) = &self.pipeline_command else {
+                    return invalid("pipeline-command", "is required with --backend command");
+                };
+                let argv = self.pipeline_argv().map_err(|message| ConfigError::Invalid { flag: "pipeline-command", message })?;
+                if argv.is_empty() {
+                    return invalid("pipeline-command", "is empty");
+                }
+                if !cmd.contains("{output}") {
+                    return invalid("pipeline-command", "must contain {output}: where the pipeline writes its mp4");
+                }
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("otlp-endpoint", "must be an http:// or https:// URL");
+        }
+        Ok(())
+    }
+
+    /// The `--pipeline-command` template split into argv (no shell ever sees it).
+    pub fn pipeline_argv(&self) -> Result<Vec<String>, String> {
+        match &self.pipeline_command {
+            None => Ok(Vec::new()),
+            Some(cmd) => shell_words::split(cmd).map_err(|e| format!("cannot split `{cmd}`: {e}")),
+        }
+    }
+
+    /// `--pipeline-env` as pairs (validated by [`Config::validate`]).
+    pub fn pipeline_env_pairs(&self) -> Vec<(String, String)> {
+        self.pipeline_env
+            .iter()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect()
+    }
+
+    /// Samples the ring buffer holds: retention / interval, at least 2.
+    pub fn ring_capacity(&self) -> usize {
+        let n = self.sample_retention.as_nanos() / self.sample_interval.as_nanos().max(1);
+        (n as usize).max(2)
+    }
+
+    /// Where the job directories live.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.data_dir.join("jobs")
+    }
+
+    /// A path under the MuseTalk dir, unless already absolute.
+    pub fn musetalk_path(&self, p: &str) -> Option<PathBuf> {
+        let root = self.musetalk_dir.as_deref()?;
+        let p = Path::new(p);
+        Some(if p.is_absolute() { p.to_path_buf() } else { root.join(p) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let m = Cli::command().try_get_matches_from(std::iter::once("x").chain(args.iter().copied())).unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        Config::from_matches(cli.config, &m)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8000");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.backend, BackendKind::Preview);
+        assert_eq!(c.musetalk_python, "python3");
+        assert_eq!(c.max_concurrent_jobs, 1);
+        assert_eq!(c.queue_size, 16);
+        assert_eq!(c.sample_interval, Duration::from_millis(500));
+        assert_eq!(c.job_timeout, Duration::from_secs(1800));
+        assert!(c.auth_token_file.is_none());
+        c.validate().unwrap();
+        assert_eq!(c.ring_capacity(), 35 * 60 * 2);
+    }
+
+    #[test]
+    fn toml_file_fills_what_flags_leave_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "queue-size = 3\nmax_concurrent_jobs = 2\nlisten = \"127.0.0.1:9\"\nsample_interval = \"250ms\"\n").unwrap();
+        let c = parse(&["--config", file.to_str().unwrap(), "--listen", "127.0.0.1:7"]).unwrap();
+        assert_eq!(c.queue_size, 3);
+        assert_eq!(c.max_concurrent_jobs, 2);
+        assert_eq!(c.sample_interval, Duration::from_millis(250));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7", "the flag wins over the file");
+    }
+
+    #[test]
+    fn toml_file_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("unknown setting `no_such_setting`"), "{err}");
+        std::fs::write(&file, "queue_size = \"many\"\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("queue_size") || err.contains("invalid type"), "{err}");
+        let err = parse(&["--config", "/nonexistent/x.toml"]).unwrap_err().to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_inconsistent_settings() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--max-concurrent-jobs", "0"], "max-concurrent-jobs"),
+            (&["--sample-interval", "1ms"], "sample-interval"),
+            (&["--backend", "musetalk"], "musetalk-dir"),
+            (&["--backend", "command"], "pipeline-command"),
+            (&["--backend", "command", "--pipeline-command", "cp {video} /tmp/x"], "{output}"),
+            (&["--backend", "command", "--pipeline-command", "sh -c 'unterminated"], "cannot split"),
+            (&["--pipeline-env", "NOEQUALS"], "pipeline-env"),
+            (&["--otlp-endpoint", "jaeger:4317"], "otlp-endpoint"),
+        ];
+        for (args, needle) in cases {
+            let err = parse(args).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn pipeline_command_is_split_without_a_shell() {
+        let c = parse(&["--backend", "command", "--pipeline-command", "run.py --in '{video}' --out {output} ; rm -rf /"]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.pipeline_argv().unwrap(), ["run.py", "--in", "{video}", "--out", "{output}", ";", "rm", "-rf", "/"]);
+    }
+}

@@ -1,0 +1,138 @@
+//! musetalk-sidecar: runs the MuseTalk lip-sync pipeline behind HTTP and makes every
+//! request observable (OTLP traces, Prometheus metrics with exemplars, per-job reports).
+//!
+//! Data flows one way: `api → jobs → pipeline`. `collector` samples resources on its
+//! own thread and knows nothing of jobs; `metrics` defines every metric family.
+
+pub mod api;
+pub mod collector;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::collector::Collector;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::telemetry::TelemetryGuard;
+
+/// Why the service could not start or stop cleanly; each variant names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot create the data dir {path}: {source} (set --data-dir to a writable directory)")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source} (is another process using the port? set --listen)")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Starts everything, serves until SIGTERM/SIGINT (or `shutdown` is cancelled), then
+/// shuts down in order: stop accepting, drain jobs, stop the collector, flush spans.
+pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    std::fs::create_dir_all(config.jobs_dir()).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
+    let backend = pipeline::build(&config);
+    let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
+    let state = AppState {
+        config: config.clone(),
+        metrics,
+        collector: collector.handle(),
+        backend_status: backend_status.clone(),
+        draining: Arc::new(AtomicBool::new(false)),
+        exporting: telemetry.exporting(),
+    };
+    tokio::spawn(probe_backend(backend.clone(), backend_status, shutdown.clone()));
+
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| RunError::Bind { addr: config.listen, source })?;
+    let local = listener.local_addr().map_err(RunError::Serve)?;
+    let mut servers = tokio::task::JoinSet::new();
+    let graceful = shutdown.clone();
+    servers.spawn(
+        axum::serve(listener, api::app(state.clone()).into_make_service())
+            .with_graceful_shutdown(async move { graceful.cancelled().await })
+            .into_future(),
+    );
+    let mut admin_local = None;
+    if let Some(addr) = config.admin_listen {
+        let admin = TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
+        admin_local = Some(admin.local_addr().map_err(RunError::Serve)?);
+        let graceful = shutdown.clone();
+        servers.spawn(
+            axum::serve(admin, api::admin_router(state.clone()).into_make_service())
+                .with_graceful_shutdown(async move { graceful.cancelled().await })
+                .into_future(),
+        );
+    }
+    tracing::info!(
+        addr = %local,
+        admin_addr = admin_local.map(|a| a.to_string()).unwrap_or_else(|| "same listener".into()),
+        backend = config.backend.as_str(),
+        exporting = state.exporting,
+        "listening on http://{local}"
+    );
+    tokio::spawn(watch_signals(shutdown.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutdown: no longer accepting requests, draining");
+    state.draining.store(true, Ordering::Release);
+    let mut result = Ok(());
+    while let Some(r) = servers.join_next().await {
+        if let Ok(Err(e)) = r {
+            result = Err(RunError::Serve(e));
+        }
+    }
+    tokio::task::spawn_blocking(move || collector.stop()).await.ok();
+    tracing::info!("shutdown: flushing telemetry");
+    telemetry.shutdown().await;
+    result
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn watch_signals(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the service with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = token.cancelled() => return,
+    }
+    token.cancel();
+}
+
+/// Probes the backend now and, while it is not usable, every 10 s (so installing
+/// ffmpeg or mounting the models turns /readyz green without a restart).
+async fn probe_backend(backend: Arc<dyn pipeline::Backend>, status: api::BackendStatus, stop: CancellationToken) {
+    loop {
+        let r = backend.probe().await;
+        let ok = r.is_ok();
+        match &r {
+            Ok(d) => tracing::info!(backend = backend.name(), "backend ready: {d}"),
+            Err(e) => tracing::warn!(backend = backend.name(), "backend not ready: {e}"),
+        }
+        *status.write().unwrap_or_else(|e| e.into_inner()) = r;
+        if ok {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Media probing with ffprobe: what an upload really is (streams, duration, frames).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What ffprobe says about a file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MediaInfo {
+    pub format: String,
+    pub duration_secs: f64,
+    pub size_bytes: u64,
+    pub has_video: bool,
+    pub has_audio: bool,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub fps: Option<f64>,
+    pub frames: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot run ffprobe ({0}): install ffmpeg or set --ffprobe")]
+    Spawn(std::io::Error),
+    #[error("ffprobe took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("not a readable media file: {0}")]
+    Unreadable(String),
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    streams: Vec<ProbeStream>,
+    format: Option<ProbeFormat>,
+}
+
+#[derive(Deserialize)]
+struct ProbeStream {
+    codec_type: Option<String>,
+    width: Option<u32>,
+    height: Option<u32>,
+    avg_frame_rate: Option<String>,
+    r_frame_rate: Option<String>,
+    nb_frames: Option<String>,
+    duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ProbeFormat {
+    format_name: Option<String>,
+    duration: Option<String>,
+}
+
+fn rate(s: Option<&str>) -> Option<f64> {
+    let (n, d) = s?.split_once('/')?;
+    let (n, d): (f64, f64) = (n.parse().ok()?, d.parse().ok()?);
+    (d > 0.0 && n > 0.0).then_some(n / d)
+}
+
+/// Parses `ffprobe -of json` output (separate from running it, so it is unit-tested).
+pub fn parse_probe(json: &str, size_bytes: u64) -> Result<MediaInfo, ProbeError> {
+    let p: Probe = serde_json::from_str(json).map_err(|e| ProbeError::Unreadable(format!("unexpected ffprobe output: {e}")))?;
+    let video = p.streams.iter().find(|s| s.codec_type.as_deref() == Some("video"));
+    let audio = p.streams.iter().find(|s| s.codec_type.as_deref() == Some("audio"));
+    let stream_duration = p.streams.iter().filter_map(|s| s.duration.as_deref()?.parse::<f64>().ok()).fold(0.0, f64::max);
+    let duration = p.format.as_ref().and_then(|f| f.duration.as_deref()?.parse::<f64>().ok()).filter(|d| d.is_finite() && *d > 0.0).unwrap_or(stream_duration);
+    let fps = video.and_then(|v| rate(v.avg_frame_rate.as_deref()).or_else(|| rate(v.r_frame_rate.as_deref())));
+    let frames = video.and_then(|v| v.nb_frames.as_deref()?.parse().ok()).or_else(|| fps.map(|f| (f * duration).round() as u64));
+    Ok(MediaInfo {
+        format: p.format.and_then(|f| f.format_name).unwrap_or_default(),
+        duration_secs: duration,
+        size_bytes,
+        has_video: video.is_some(),
+        has_audio: audio.is_some(),
+        width: video.and_then(|v| v.width),
+        height: video.and_then(|v| v.height),
+        fps,
+        frames,
+    })
+}
+
+/// Runs ffprobe on `path` (bounded in time: a hostile file must not hang a job).
+pub async fn probe(ffprobe: &Path, path: &Path) -> Result<MediaInfo, ProbeError> {
+    let size = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
+    let limit = Duration::from_secs(30);
+    let out = tokio::process::Command::new(ffprobe)
+        .args(["-v", "error", "-show_entries", "format=format_name,duration:stream=codec_type,width,height,avg_frame_rate,r_frame_rate,nb_frames,duration", "-of", "json"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(limit, out).await.map_err(|_| ProbeError::Timeout(limit))?.map_err(ProbeError::Spawn)?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().last().unwrap_or("ffprobe failed").trim();
+        // ffprobe prefixes errors with the path: keep only the reason.
+        let reason = first.rsplit_once(": ").map(|(_, r)| r).unwrap_or(first);
+        return Err(ProbeError::Unreadable(reason.to_string()));
+    }
+    parse_probe(&String::from_utf8_lossy(&out.stdout), size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_video_and_audio_streams() {
+        let json = r#"{"streams":[{"codec_type":"video","width":256,"height":256,"avg_frame_rate":"25/1","r_frame_rate":"25/1","nb_frames":"50","duration":"2.000000"},
+            {"codec_type":"audio","duration":"2.02"}],"format":{"format_name":"mov,mp4,m4a,3gp,3g2,mj2","duration":"2.020000"}}"#;
+        let m = parse_probe(json, 1234).unwrap();
+        assert!(m.has_video && m.has_audio);
+        assert_eq!((m.width, m.height, m.fps, m.frames), (Some(256), Some(256), Some(25.0), Some(50)));
+        assert!((m.duration_secs - 2.02).abs() < 1e-9);
+        assert_eq!(m.size_bytes, 1234);
+    }
+
+    #[test]
+    fn audio_only_and_missing_counts() {
+        let m = parse_probe(r#"{"streams":[{"codec_type":"audio"}],"format":{"format_name":"wav","duration":"3.0"}}"#, 0).unwrap();
+        assert!(!m.has_video && m.has_audio && m.frames.is_none());
+        let m = parse_probe(r#"{"streams":[{"codec_type":"video","avg_frame_rate":"0/0","r_frame_rate":"30000/1001"}],"format":{"duration":"N/A"}}"#, 0).unwrap();
+        assert_eq!(m.duration_secs, 0.0);
+        assert!((m.fps.unwrap() - 29.97).abs() < 0.01);
+        assert!(parse_probe("not json", 0).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! The pipeline: one [`Backend`] trait for every way of turning a video and an audio into a lip-synced mp4.
+//!
+//! A backend only says *what* to run ([`Backend::prepare`] → [`Invocation`]), how to
+//! read the child's output ([`Backend::stage_parser`]) and where the result is
+//! ([`Backend::discover`]). Running it (process group, clean env, timeout, SIGTERM →
+//! SIGKILL, line capture) is [`process::run`], the same for all, so the job runner
+//! never branches on the backend kind. This module knows nothing of HTTP or jobs.
+
+pub mod command;
+pub mod lines;
+pub mod media;
+pub mod musetalk;
+pub mod preview;
+pub mod process;
+pub mod stages;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::config::{BackendKind, Config};
+pub use media::MediaInfo;
+pub use process::{EndReason, Invocation, ProcessOutcome, RunOptions, Stream};
+pub use stages::{StageEvent, StageParser};
+
+/// What a job hands the backend: its private directory and its (uniquely named) inputs.
+#[derive(Clone, Debug)]
+pub struct JobInput {
+    pub job_id: String,
+    /// The job's own directory; everything the pipeline writes goes under it.
+    pub dir: PathBuf,
+    pub video: PathBuf,
+    pub audio: PathBuf,
+    pub video_info: MediaInfo,
+    pub audio_info: MediaInfo,
+    pub bbox_shift: Option<i32>,
+    pub batch_size: Option<u32>,
+}
+
+impl JobInput {
+    /// Where the pipeline's results go (MuseTalk's `--result_dir`).
+    pub fn result_dir(&self) -> PathBuf {
+        self.dir.join("result")
+    }
+}
+
+/// Why a pipeline step failed. Each variant names the step, so the job's outcome and
+/// the error detail say where it broke.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("config_creation: {0}")]
+    Config(String),
+    #[error("subprocess_execution: cannot start `{program}`: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("subprocess_execution: {0}")]
+    Io(std::io::Error),
+    #[error("pipeline reported an error: {0}")]
+    Reported(String),
+    #[error("pipeline exited with {status}{tail}")]
+    Failed { status: String, tail: String },
+    #[error("pipeline timed out after {0:?}; its process group was killed")]
+    TimedOut(std::time::Duration),
+    #[error("job cancelled; the pipeline's process group was killed")]
+    Cancelled,
+    #[error("output_discovery: {0}")]
+    Output(String),
+}
+
+/// A way of running the lip-sync pipeline.
+pub trait Backend: Send + Sync + 'static {
+    /// The bounded `backend` label (`preview`, `musetalk`, `command`).
+    fn name(&self) -> &'static str;
+
+    /// Is it usable here? `Ok(description)` or `Err(what is missing and the fix)`.
+    fn probe(&self) -> BoxFuture<'_, Result<String, String>>;
+
+    /// `config_creation`: writes whatever the pipeline needs into the job dir and says what to run.
+    fn prepare(&self, job: &JobInput) -> Result<Invocation, PipelineError>;
+
+    /// A fresh parser for the child's output lines (stage markers, progress, results).
+    fn stage_parser(&self, job: &JobInput) -> Box<dyn StageParser>;
+
+    /// `output_discovery`: after the process ended, decide success from what it said
+    /// and did (not only its exit code) and return the output video.
+    fn discover(&self, job: &JobInput, outcome: &ProcessOutcome, parser: &dyn StageParser) -> Result<PathBuf, PipelineError>;
+}
+
+/// The backend the configuration asks for.
+pub fn build(config: &Config) -> Arc<dyn Backend> {
+    match config.backend {
+        BackendKind::Preview => Arc::new(preview::Preview::new(config)),
+        BackendKind::Musetalk => Arc::new(musetalk::MuseTalk::new(config)),
+        BackendKind::Command => Arc::new(command::CommandBackend::new(config)),
+    }
+}
+
+/// Default exit-code rule for pipelines that don't report success otherwise.
+pub(crate) fn require_clean_exit(outcome: &ProcessOutcome) -> Result<(), PipelineError> {
+    if outcome.succeeded() {
+        Ok(())
+    } else {
+        Err(PipelineError::Failed { status: outcome.status_text(), tail: outcome.error_tail() })
+    }
+}
+
+/// An output file must exist, be a regular file and be non-empty.
+pub(crate) fn require_output(path: &Path) -> Result<PathBuf, PipelineError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(path.to_path_buf()),
+        Ok(_) => Err(PipelineError::Output(format!("{} is empty or not a file", path.display()))),
+        Err(e) => Err(PipelineError::Output(format!("{} not found: {e}", path.display()))),
+    }
+}
