@@ -7,6 +7,7 @@
 pub mod api;
 pub mod collector;
 pub mod config;
+pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
 pub mod telemetry;
@@ -47,7 +48,14 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
     let backend = pipeline::build(&config);
     let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
+    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), metrics.clone(), collector.handle());
+    let stale = jobs.clean_stale_dirs();
+    if stale > 0 {
+        tracing::info!(dirs = stale, "removed job directories left by an earlier run");
+    }
+    tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
     let state = AppState {
+        jobs: jobs.clone(),
         config: config.clone(),
         metrics,
         collector: collector.handle(),
@@ -90,11 +98,21 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     tracing::info!("shutdown: no longer accepting requests, draining");
     state.draining.store(true, Ordering::Release);
     let mut result = Ok(());
-    while let Some(r) = servers.join_next().await {
-        if let Ok(Err(e)) = r {
-            result = Err(RunError::Serve(e));
+    // Jobs drain while the servers finish their in-flight requests (a synchronous
+    // inference request ends when its job does).
+    let (_, served) = tokio::join!(jobs.drain(config.shutdown_grace), async {
+        let mut result = Ok(());
+        while let Some(r) = servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                result = Err(RunError::Serve(e));
+            }
         }
+        result
+    });
+    if served.is_err() {
+        result = served;
     }
+    tracing::info!("shutdown: jobs drained, stopping the collector");
     tokio::task::spawn_blocking(move || collector.stop()).await.ok();
     tracing::info!("shutdown: flushing telemetry");
     telemetry.shutdown().await;

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod jobs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,7 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Whether spans are exported (for diagnostics).
     pub exporting: bool,
+    pub jobs: Arc<crate::jobs::JobManager>,
 }
 
 impl AppState {
@@ -74,8 +76,18 @@ fn admin_routes(r: Router<AppState>) -> Router<AppState> {
 }
 
 /// The API routes (jobs, avatars), without admin routes.
-fn api_routes() -> Router<AppState> {
+fn api_routes(state: &AppState) -> Router<AppState> {
+    use axum::extract::DefaultBodyLimit;
+    use axum::routing::post;
+    // Two files at the per-part limit plus the small fields; each part is also checked as it streams.
+    let body_limit = (state.config.max_upload_bytes.saturating_mul(2).saturating_add(1 << 20)).min(usize::MAX as u64) as usize;
     Router::new()
+        .route("/v1/inference", post(jobs::inference).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/report", get(jobs::report))
+        .route("/v1/jobs/{id}/output", get(jobs::output))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
 }
 
 fn finish(r: Router<AppState>, state: AppState) -> Router {
@@ -90,7 +102,7 @@ pub fn admin_router(state: AppState) -> Router {
 
 /// The whole service on one listener: API plus admin routes unless `--admin-listen` moves them.
 pub fn app(state: AppState) -> Router {
-    let mut r = api_routes();
+    let mut r = api_routes(&state);
     if state.config.admin_listen.is_none() {
         r = admin_routes(r);
     }

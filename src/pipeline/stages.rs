@@ -19,7 +19,7 @@ pub enum StageEvent {
 }
 
 /// Reads a child's lines. One parser per job run.
-pub trait StageParser: Send {
+pub trait StageParser: Send + Sync {
     /// Called when the process starts (a stage may begin with it).
     fn begin(&mut self, _at: Instant) -> Vec<StageEvent> {
         Vec::new()

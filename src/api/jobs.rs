@@ -1,0 +1,320 @@
+//! Simple-mode routes: `POST /v1/inference` and `/v1/jobs/{id}` (status, report, output, events, cancel).
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::multipart::{Field, MultipartRejection};
+use axum::extract::{Multipart, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use super::{ApiError, AppState};
+use crate::jobs::{Inputs, Job, JobError, JobEvent, JobState, MODE_SIMPLE, Report};
+use crate::pipeline::media::{self, ProbeError};
+use crate::telemetry;
+
+/// Longest accepted text field (`avatar_id`, numbers), in bytes.
+const MAX_TEXT_FIELD: usize = 256;
+const VIDEO_EXTS: &[&str] = &["mp4", "mov", "avi", "mkv", "webm", "m4v"];
+const AUDIO_EXTS: &[&str] = &["wav", "mp3", "m4a", "aac", "flac", "ogg", "opus"];
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::QueueFull { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string()),
+            JobError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()).with_retry_after(5),
+            JobError::JobDir(io) => storage_error(io, "creating the job directory"),
+        }
+    }
+}
+
+/// Disk full is the client's to retry later (507), anything else is ours (500).
+fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", format!("{doing}: the data dir is full; free space and retry"))
+    } else {
+        ApiError::internal(format!("{doing}: {e}"))
+    }
+}
+
+/// `{job_id, trace_id, backend, state, output_url, report}`: the answer to a finished job.
+#[derive(Serialize)]
+pub struct JobResponse {
+    pub job_id: String,
+    pub trace_id: String,
+    pub backend: &'static str,
+    pub state: JobState,
+    pub output_url: Option<String>,
+    pub report: Option<Report>,
+}
+
+#[derive(Serialize)]
+struct JobFailure {
+    error: &'static str,
+    detail: String,
+    #[serde(flatten)]
+    job: JobResponse,
+}
+
+fn job_response(job: &Job) -> JobResponse {
+    let state = job.state();
+    JobResponse {
+        job_id: job.id.clone(),
+        trace_id: job.trace_id.clone(),
+        backend: job.backend,
+        state,
+        output_url: (state == JobState::Succeeded).then(|| format!("/v1/jobs/{}/output", job.id)),
+        report: job.report(),
+    }
+}
+
+/// A terminal job as an HTTP answer: 200 on success, an error code otherwise.
+fn finished_response(job: &Job) -> Response {
+    let body = job_response(job);
+    let (status, code) = match body.state {
+        JobState::Succeeded => return Json(body).into_response(),
+        JobState::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "job_timed_out"),
+        JobState::Cancelled => (StatusCode::CONFLICT, "job_cancelled"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
+    };
+    let detail = body.report.as_ref().and_then(|r| r.error.as_ref()).map(|e| format!("{}: {}", e.step, e.message)).unwrap_or_else(|| "the job did not succeed".into());
+    (status, Json(JobFailure { error: code, detail, job: body })).into_response()
+}
+
+/// `POST /v1/inference`: multipart `video`, `audio`, optional `avatar_id`, `bbox_shift`, `batch_size`.
+pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+    let mut multipart = multipart.map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with `video` and `audio` parts ({e})")))?;
+    // Refuse before reading a byte of a possibly huge upload.
+    let admission = st.jobs.admit().map_err(|e| {
+        let retry = st.jobs.retry_after_secs();
+        ApiError::from(e).with_retry_after(retry)
+    })?;
+    let job = st.jobs.create(MODE_SIMPLE)?;
+    let span = job.file_processing_span();
+    let t0 = Instant::now();
+    let received = receive(&st, &job, &mut multipart).instrument(span.clone()).await;
+    let inputs = match received {
+        Ok(i) => i,
+        Err(e) => {
+            telemetry::set_error(&span, e.detail.clone());
+            telemetry::set_error(&job.span, e.detail.clone());
+            job.span.record("musetalk.outcome", "rejected");
+            drop(span);
+            st.jobs.discard(&job);
+            return Err(e);
+        }
+    };
+    span.record("musetalk.input.video.bytes", inputs.video_info.size_bytes);
+    span.record("musetalk.input.audio.bytes", inputs.audio_info.size_bytes);
+    span.record("musetalk.input.video.seconds", inputs.video_info.duration_secs);
+    span.record("musetalk.input.audio.seconds", inputs.audio_info.duration_secs);
+    drop(span);
+    st.jobs.start(job.clone(), admission, inputs, t0.elapsed().as_secs_f64());
+
+    let prefer_async = headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")));
+    if prefer_async {
+        let location = format!("/v1/jobs/{}", job.id);
+        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job.status())).into_response());
+    }
+    job.finished().await;
+    Ok(finished_response(&job))
+}
+
+#[derive(Default)]
+struct Received {
+    video: Option<(PathBuf, u64)>,
+    audio: Option<(PathBuf, u64)>,
+    avatar_id: Option<String>,
+    bbox_shift: Option<i32>,
+    batch_size: Option<u32>,
+}
+
+/// Streams the parts to the job dir (never whole in memory), then probes them.
+async fn receive(st: &AppState, job: &Job, multipart: &mut Multipart) -> Result<Inputs, ApiError> {
+    let mut r = Received::default();
+    let bad = |code: &'static str, detail: String| ApiError::bad_request(code, detail);
+    while let Some(field) = multipart.next_field().await.map_err(|e| bad("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
+        let name = field.name().unwrap_or_default().to_string();
+        let dup = |present: bool| if present { Err(bad("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
+        match name.as_str() {
+            "video" => {
+                dup(r.video.is_some())?;
+                r.video = Some(save_part(st, job, field, "video", VIDEO_EXTS, "mp4").await?);
+            }
+            "audio" => {
+                dup(r.audio.is_some())?;
+                r.audio = Some(save_part(st, job, field, "audio", AUDIO_EXTS, "wav").await?);
+            }
+            "avatar_id" => {
+                dup(r.avatar_id.is_some())?;
+                let v = text_field(field).await?;
+                if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                    return Err(bad("invalid_avatar_id", "avatar_id must be 1–64 characters of A–Z, a–z, 0–9, `_` or `-`".into()));
+                }
+                r.avatar_id = Some(v);
+            }
+            "bbox_shift" => {
+                dup(r.bbox_shift.is_some())?;
+                let v = text_field(field).await?;
+                r.bbox_shift = Some(v.trim().parse::<i32>().ok().filter(|n| (-200..=200).contains(n)).ok_or_else(|| bad("invalid_bbox_shift", format!("bbox_shift must be an integer from -200 to 200, got `{v}`")))?);
+            }
+            "batch_size" => {
+                dup(r.batch_size.is_some())?;
+                let v = text_field(field).await?;
+                r.batch_size = Some(v.trim().parse::<u32>().ok().filter(|n| (1..=256).contains(n)).ok_or_else(|| bad("invalid_batch_size", format!("batch_size must be an integer from 1 to 256, got `{v}`")))?);
+            }
+            _ => return Err(bad("unknown_part", format!("unexpected part `{name}`; expected video, audio, avatar_id, bbox_shift, batch_size"))),
+        }
+    }
+    let (video, video_bytes) = r.video.ok_or_else(|| bad("missing_part", "the `video` part is required".into()))?;
+    let (audio, audio_bytes) = r.audio.ok_or_else(|| bad("missing_part", "the `audio` part is required".into()))?;
+    if video_bytes == 0 {
+        return Err(bad("empty_file", "the `video` part is empty".into()));
+    }
+    if audio_bytes == 0 {
+        return Err(bad("empty_file", "the `audio` part is empty".into()));
+    }
+    let (vi, ai) = tokio::join!(media::probe(&st.config.ffprobe, &video), media::probe(&st.config.ffprobe, &audio));
+    let probe_err = |part: &str, e: ProbeError| match e {
+        ProbeError::Unreadable(why) => bad(if part == "video" { "invalid_video" } else { "invalid_audio" }, format!("the `{part}` part is not a readable media file: {why}")),
+        other => ApiError::internal(format!("probing the `{part}` part: {other}")),
+    };
+    let video_info = vi.map_err(|e| probe_err("video", e))?;
+    let audio_info = ai.map_err(|e| probe_err("audio", e))?;
+    if !video_info.has_video {
+        return Err(bad("invalid_video", "the `video` part has no video stream".into()));
+    }
+    if !audio_info.has_audio || audio_info.duration_secs <= 0.0 {
+        return Err(bad("invalid_audio", "the `audio` part has no audio stream (or no duration)".into()));
+    }
+    Ok(Inputs { video, audio, video_info, audio_info, bbox_shift: r.bbox_shift, batch_size: r.batch_size, avatar_id: r.avatar_id })
+}
+
+/// Writes one file part under the job dir with a generated name (`{kind}_{job}.{ext}`):
+/// the client's file name never reaches the filesystem, only an allow-listed extension.
+async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, kind: &str, exts: &[&str], default_ext: &str) -> Result<(PathBuf, u64), ApiError> {
+    let ext = field
+        .file_name()
+        .and_then(|n| Path::new(n).extension())
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .filter(|e| exts.contains(&e.as_str()))
+        .unwrap_or_else(|| default_ext.to_string());
+    let path = job.dir.join(format!("{kind}_{}.{ext}", job.id));
+    let mut file = tokio::fs::File::create(&path).await.map_err(|e| storage_error(e, "creating the upload file"))?;
+    let limit = st.config.max_upload_bytes;
+    let mut written: u64 = 0;
+    while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("reading the `{kind}` part: {}", e.body_text())))? {
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "file_too_large", format!("the `{kind}` part exceeds {limit} bytes (--max-upload-bytes)")));
+        }
+        file.write_all(&chunk).await.map_err(|e| storage_error(e, "writing the upload"))?;
+    }
+    file.flush().await.map_err(|e| storage_error(e, "writing the upload"))?;
+    Ok((path, written))
+}
+
+/// A bounded text part (UTF-8).
+async fn text_field(mut field: Field<'_>) -> Result<String, ApiError> {
+    let name = field.name().unwrap_or_default().to_string();
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {
+        if buf.len() + chunk.len() > MAX_TEXT_FIELD {
+            return Err(ApiError::bad_request("field_too_long", format!("`{name}` is longer than {MAX_TEXT_FIELD} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf).map_err(|_| ApiError::bad_request("invalid_utf8", format!("`{name}` is not valid UTF-8")))
+}
+
+fn find(st: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
+    st.jobs.get(id).ok_or_else(|| ApiError::not_found("job_not_found", format!("no job `{id}` (finished jobs are kept for --job-retention)")))
+}
+
+/// `GET /v1/jobs`: every job still kept, newest first.
+pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::JobStatus>> {
+    Json(st.jobs.list().iter().map(|j| j.status()).collect())
+}
+
+/// `GET /v1/jobs/{id}`: state, stage, progress, step timings so far.
+pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(find(&st, &id)?.status()).into_response())
+}
+
+/// `GET /v1/jobs/{id}/report`: JSON, or the console text with `Accept: text/plain`.
+pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let job = find(&st, &id)?;
+    let report = job.report().ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "job_not_finished", format!("job `{id}` is {}; the report is ready when it ends", job.state().as_str())))?;
+    let wants_text = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/plain") && !a.contains("application/json"));
+    if wants_text {
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], report.to_text()).into_response());
+    }
+    Ok(Json(report).into_response())
+}
+
+/// `GET /v1/jobs/{id}/output`: the mp4, with Range support.
+pub async fn output(State(st): State<AppState>, UrlPath(id): UrlPath<String>, req: Request) -> Result<Response, ApiError> {
+    let job = find(&st, &id)?;
+    let path = job.output().ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "no_output", format!("job `{id}` is {} and has no output", job.state().as_str())))?;
+    let resp = tower_http::services::ServeFile::new_with_mime(&path, &mime::Mime::from(mime_mp4()))
+        .oneshot(req)
+        .await
+        .map_err(|e| ApiError::internal(format!("serving the output: {e}")))?;
+    if resp.status() == StatusCode::NOT_FOUND {
+        return Err(ApiError::new(StatusCode::GONE, "output_gone", "the output file was removed".to_string()));
+    }
+    Ok(resp.map(axum::body::Body::new))
+}
+
+fn mime_mp4() -> mime::Mime {
+    "video/mp4".parse().unwrap_or(mime::APPLICATION_OCTET_STREAM)
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (its process group is killed).
+pub async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let job = find(&st, &id)?;
+    if !job.cancel() {
+        return Err(ApiError::new(StatusCode::CONFLICT, "job_finished", format!("job `{id}` already ended {}", job.state().as_str())));
+    }
+    let state = tokio::time::timeout(st.config.kill_grace + std::time::Duration::from_secs(5), job.finished()).await.unwrap_or(job.state());
+    Ok((StatusCode::OK, Json(serde_json::json!({ "job_id": id, "state": state }))).into_response())
+}
+
+/// `GET /v1/jobs/{id}/events`: Server-Sent Events — a `status` snapshot, then state
+/// changes, step and stage starts/ends and progress, ending with `done`.
+pub async fn events(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let job = find(&st, &id)?;
+    let (snapshot, rx) = job.subscribe();
+    let terminal = snapshot.state.is_terminal();
+    let first = Event::default().event("status").json_data(&snapshot).unwrap_or_default();
+    let head = futures::stream::once(async move { Ok(first) });
+    let tail = futures::stream::unfold((rx, terminal), |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let end = matches!(ev, JobEvent::Done { .. });
+                    let e = Event::default().event(ev.name()).json_data(&ev).unwrap_or_default();
+                    return Some((Ok(e), (rx, end)));
+                }
+                // A slow reader missed some progress: carry on from the newest.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
+}

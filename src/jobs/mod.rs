@@ -1,0 +1,463 @@
+//! Jobs: admission queue, lifecycle, the step runner, the job store and retention.
+//!
+//! A job is admitted (or refused: queue full → 429) before its upload is accepted,
+//! receives its inputs (`file_processing`), waits for a run slot (`queue_wait`), then
+//! runs the backend's steps. Every step is a span under the `musetalk.job` span and a
+//! `musetalk_step_duration_seconds` observation with the trace id as exemplar.
+
+pub mod report;
+mod run;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::collector::CollectorHandle;
+use crate::config::Config;
+use crate::metrics::{Metrics, ModeLabels};
+use crate::pipeline::{Backend, MediaInfo};
+pub use report::Report;
+
+/// `simple` (one subprocess per job) or `realtime` (a prepared avatar).
+pub const MODE_SIMPLE: &str = "simple";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Receiving,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut)
+    }
+    /// The bounded `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Receiving => "receiving",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// What `GET /v1/jobs/{id}` shows: state, progress, timings so far.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub trace_id: String,
+    pub mode: &'static str,
+    pub backend: &'static str,
+    pub state: JobState,
+    pub stage: Option<String>,
+    pub progress: Option<Progress>,
+    pub created_at: String,
+    pub elapsed_seconds: f64,
+    pub steps: Vec<report::Timing>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Progress {
+    pub done: u64,
+    pub total: Option<u64>,
+}
+
+/// Server-Sent Event payloads (`event:` is the variant name).
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobEvent {
+    State { state: JobState },
+    StepStart { step: String },
+    StepEnd { step: String, seconds: f64 },
+    StageStart { stage: String },
+    StageEnd { stage: String, seconds: f64 },
+    Progress { stage: Option<String>, done: u64, total: Option<u64> },
+    Done { state: JobState, error: Option<String> },
+}
+
+impl JobEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobEvent::State { .. } => "state",
+            JobEvent::StepStart { .. } => "step_start",
+            JobEvent::StepEnd { .. } => "step_end",
+            JobEvent::StageStart { .. } => "stage_start",
+            JobEvent::StageEnd { .. } => "stage_end",
+            JobEvent::Progress { .. } => "progress",
+            JobEvent::Done { .. } => "done",
+        }
+    }
+}
+
+/// The uploaded inputs, once written and probed.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub video: PathBuf,
+    pub audio: PathBuf,
+    pub video_info: MediaInfo,
+    pub audio_info: MediaInfo,
+    pub bbox_shift: Option<i32>,
+    pub batch_size: Option<u32>,
+    pub avatar_id: Option<String>,
+}
+
+/// One job. Shared between the HTTP layer (status, events, cancel) and its runner task.
+pub struct Job {
+    pub id: String,
+    pub mode: &'static str,
+    pub backend: &'static str,
+    pub dir: PathBuf,
+    pub created: SystemTime,
+    pub created_at: Instant,
+    pub span: tracing::Span,
+    pub trace_id: String,
+    status: watch::Sender<JobStatus>,
+    events: broadcast::Sender<JobEvent>,
+    cancel: CancellationToken,
+    report: Mutex<Option<Report>>,
+    output: Mutex<Option<PathBuf>>,
+    finished_at: Mutex<Option<Instant>>,
+}
+
+impl Job {
+    pub fn status(&self) -> JobStatus {
+        let mut s = self.status.borrow().clone();
+        s.elapsed_seconds = if s.state.is_terminal() {
+            self.finished_at.lock().unwrap_or_else(|e| e.into_inner()).map(|f| f.duration_since(self.created_at).as_secs_f64()).unwrap_or(s.elapsed_seconds)
+        } else {
+            self.created_at.elapsed().as_secs_f64()
+        };
+        s
+    }
+
+    pub fn state(&self) -> JobState {
+        self.status.borrow().state
+    }
+
+    pub fn report(&self) -> Option<Report> {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn output(&self) -> Option<PathBuf> {
+        self.output.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn subscribe(&self) -> (JobStatus, broadcast::Receiver<JobEvent>) {
+        // Subscribe first, then read the snapshot: no event between the two is lost.
+        let rx = self.events.subscribe();
+        (self.status(), rx)
+    }
+
+    /// Resolves when the job reaches a terminal state.
+    pub async fn finished(&self) -> JobState {
+        let mut rx = self.status.subscribe();
+        loop {
+            let state = rx.borrow_and_update().state;
+            if state.is_terminal() {
+                return state;
+            }
+            if rx.changed().await.is_err() {
+                return self.state();
+            }
+        }
+    }
+
+    /// Asks the job to stop. Returns false if it had already finished.
+    pub fn cancel(&self) -> bool {
+        if self.state().is_terminal() {
+            return false;
+        }
+        self.cancel.cancel();
+        true
+    }
+
+    /// The `file_processing` step span (upload, probe), made by the HTTP layer that receives the files.
+    pub fn file_processing_span(&self) -> tracing::Span {
+        tracing::info_span!(
+            parent: &self.span,
+            "step",
+            otel.name = "file_processing",
+            musetalk.step = "file_processing",
+            musetalk.input.video.bytes = tracing::field::Empty,
+            musetalk.input.audio.bytes = tracing::field::Empty,
+            musetalk.input.video.seconds = tracing::field::Empty,
+            musetalk.input.audio.seconds = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        )
+    }
+
+    fn emit(&self, ev: JobEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JobStatus)) {
+        self.status.send_modify(f);
+    }
+
+    fn set_state(&self, state: JobState) {
+        self.update(|s| s.state = state);
+        self.emit(JobEvent::State { state });
+    }
+}
+
+/// Why a job could not be admitted or found; mapped to HTTP once in `api`.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("the queue is full ({queued} waiting, {running} running); retry later")]
+    QueueFull { queued: usize, running: usize },
+    #[error("the service is shutting down")]
+    Draining,
+    #[error("cannot create the job directory: {0}")]
+    JobDir(std::io::Error),
+}
+
+/// Holds a place in the admission queue while the upload arrives; released on drop
+/// if the job never starts (a failed upload frees its place).
+pub struct Admission {
+    manager: Arc<JobManager>,
+    released: AtomicBool,
+}
+
+impl Admission {
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            self.manager.queued.fetch_sub(1, Ordering::AcqRel);
+            self.manager.publish_queue();
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Owns every job: admission, run slots, the store, retention, drain.
+pub struct JobManager {
+    pub config: Arc<Config>,
+    pub backend: Arc<dyn Backend>,
+    pub metrics: Arc<Metrics>,
+    pub collector: CollectorHandle,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    slots: Arc<Semaphore>,
+    /// Jobs admitted but not yet running (uploading or waiting for a slot).
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    tracker: TaskTracker,
+    draining: AtomicBool,
+}
+
+impl JobManager {
+    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<Self> {
+        let m = Arc::new(JobManager {
+            slots: Arc::new(Semaphore::new(config.max_concurrent_jobs)),
+            config,
+            backend,
+            metrics,
+            collector,
+            jobs: Mutex::default(),
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        });
+        m.publish_queue();
+        m
+    }
+
+    /// Removes job dirs left by an earlier run: the job store is in memory, so they
+    /// can never be served again.
+    pub fn clean_stale_dirs(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.config.jobs_dir()) else { return 0 };
+        entries.flatten().filter(|e| e.path().is_dir() && std::fs::remove_dir_all(e.path()).is_ok()).count()
+    }
+
+    fn publish_queue(&self) {
+        let l = ModeLabels { mode: MODE_SIMPLE };
+        self.metrics.jobs_queued.get_or_create(&l).set(self.queued.load(Ordering::Acquire) as i64);
+        self.metrics.jobs_in_flight.get_or_create(&l).set(self.running.load(Ordering::Acquire) as i64);
+    }
+
+    /// Reserves a place before anything is uploaded, so a full service refuses at once.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, JobError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(JobError::Draining);
+        }
+        let limit = self.config.queue_size + self.config.max_concurrent_jobs.saturating_sub(self.running.load(Ordering::Acquire));
+        let mut cur = self.queued.load(Ordering::Acquire);
+        loop {
+            if cur >= limit {
+                return Err(JobError::QueueFull { queued: cur, running: self.running.load(Ordering::Acquire) });
+            }
+            match self.queued.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        self.publish_queue();
+        Ok(Admission { manager: self.clone(), released: AtomicBool::new(false) })
+    }
+
+    /// A rough wait for `Retry-After`: the job timeout spread over the run slots, at least 1 s.
+    pub fn retry_after_secs(&self) -> u64 {
+        (5 * (self.queued.load(Ordering::Acquire) as u64 + 1) / self.config.max_concurrent_jobs as u64).clamp(1, 300)
+    }
+
+    /// Creates the job (its dir and its span, child of the current span).
+    pub fn create(self: &Arc<Self>, mode: &'static str) -> Result<Arc<Job>, JobError> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = self.config.jobs_dir().join(&id);
+        std::fs::create_dir_all(&dir).map_err(JobError::JobDir)?;
+        let span = tracing::info_span!(
+            "musetalk.job",
+            otel.name = "musetalk.job",
+            musetalk.job.id = %id,
+            musetalk.mode = mode,
+            musetalk.backend = self.backend.name(),
+            musetalk.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
+        let trace_id = crate::telemetry::trace_id(&span);
+        let created = SystemTime::now();
+        let status = JobStatus {
+            job_id: id.clone(),
+            trace_id: trace_id.clone(),
+            mode,
+            backend: self.backend.name(),
+            state: JobState::Receiving,
+            stage: None,
+            progress: None,
+            created_at: humantime::format_rfc3339_millis(created).to_string(),
+            elapsed_seconds: 0.0,
+            steps: Vec::new(),
+            error: None,
+        };
+        let job = Arc::new(Job {
+            id: id.clone(),
+            mode,
+            backend: self.backend.name(),
+            dir,
+            created,
+            created_at: Instant::now(),
+            span,
+            trace_id,
+            status: watch::channel(status).0,
+            events: broadcast::channel(1024).0,
+            cancel: CancellationToken::new(),
+            report: Mutex::default(),
+            output: Mutex::default(),
+            finished_at: Mutex::default(),
+        });
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, job.clone());
+        Ok(job)
+    }
+
+    /// Forgets a job whose upload was rejected (it never became work): no state, no dir.
+    pub fn discard(&self, job: &Job) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.id);
+        remove_dir(&job.dir);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<Arc<Job>> {
+        let mut v: Vec<_> = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        v.sort_by(|a, b| b.created.cmp(&a.created));
+        v
+    }
+
+    /// Starts the job's runner task. `receive_seconds` is how long the upload took
+    /// (the first part of `file_processing`).
+    pub fn start(self: &Arc<Self>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
+        let m = self.clone();
+        self.tracker.spawn(async move { run::run_job(m, job, admission, inputs, receive_seconds).await });
+    }
+
+    /// Ends a job that failed before it could start (bad upload): it still gets a
+    /// terminal state, a report and its metrics, so nothing disappears silently.
+    pub fn fail_early(&self, job: &Arc<Job>, step: &'static str, message: String, receive_seconds: f64) {
+        run::finish_early(self, job, step, message, receive_seconds);
+    }
+
+    /// Stops admitting, waits up to `grace` for jobs to finish, then cancels the rest
+    /// and waits for them to reach a terminal state.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            let running: Vec<_> = self.list().into_iter().filter(|j| !j.state().is_terminal()).collect();
+            tracing::warn!(jobs = running.len(), "shutdown grace period over: cancelling running jobs");
+            for j in &running {
+                j.cancel();
+            }
+            let _ = tokio::time::timeout(self.config.kill_grace + Duration::from_secs(10), self.tracker.wait()).await;
+        }
+    }
+
+    /// Deletes finished jobs past `--job-retention` or beyond `--max-retained-jobs`.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut finished: Vec<(Instant, String, PathBuf)> = {
+            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.values()
+                .filter_map(|j| j.finished_at.lock().unwrap_or_else(|e| e.into_inner()).map(|t| (t, j.id.clone(), j.dir.clone())))
+                .collect()
+        };
+        finished.sort_by_key(|(t, _, _)| std::cmp::Reverse(*t));
+        let doomed: Vec<_> = finished
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (t, _, _))| *i >= self.config.max_retained_jobs || now.duration_since(*t) > self.config.job_retention)
+            .map(|(_, (_, id, dir))| (id, dir))
+            .collect();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, dir) in &doomed {
+            jobs.remove(id);
+            remove_dir(dir);
+        }
+        doomed.len()
+    }
+
+    /// Runs [`JobManager::sweep`] every minute until `stop`.
+    pub async fn retention_loop(self: Arc<Self>, stop: CancellationToken) {
+        let period = (self.config.job_retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => { self.sweep(); }
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), "cannot remove job dir: {e}");
+    }
+}

@@ -1,0 +1,208 @@
+//! The per-job report: what the old Python monitor printed, per job, as JSON or text.
+
+use serde::Serialize;
+
+use crate::collector::{AvgPeak, Window};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Timing {
+    pub name: String,
+    pub seconds: f64,
+    /// Share of the job's total time (steps) or of the execution step (stages), 0–100.
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Subprocess {
+    pub pid: u32,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub seconds: f64,
+    pub percent: f64,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Files {
+    pub video_bytes: u64,
+    pub audio_bytes: u64,
+    pub output_bytes: Option<u64>,
+    /// Output size / (video + audio size).
+    pub output_input_ratio: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Media {
+    pub video_seconds: f64,
+    pub audio_seconds: f64,
+    pub output_seconds: Option<f64>,
+    pub input_frames: Option<u64>,
+    /// Output seconds per second of processing (1 = real time).
+    pub realtime_factor: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Bottleneck {
+    pub step: String,
+    pub percent: f64,
+    /// The slowest stage inside the execution step, when stages were reported.
+    pub stage: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ErrorInfo {
+    pub step: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub job_id: String,
+    pub trace_id: String,
+    pub trace_url: Option<String>,
+    pub mode: String,
+    pub backend: String,
+    pub outcome: String,
+    pub error: Option<ErrorInfo>,
+    pub created_at: String,
+    pub total_seconds: f64,
+    pub queue_seconds: f64,
+    pub steps: Vec<Timing>,
+    pub stages: Vec<Timing>,
+    pub bottleneck: Option<Bottleneck>,
+    pub subprocess: Option<Subprocess>,
+    pub files: Files,
+    pub media: Media,
+    pub resources: Window,
+}
+
+/// Fills `percent` from seconds against `total`.
+pub fn timings(items: &[(String, f64)], total: f64) -> Vec<Timing> {
+    items.iter().map(|(name, s)| Timing { name: name.clone(), seconds: *s, percent: if total > 0.0 { s / total * 100.0 } else { 0.0 } }).collect()
+}
+
+/// The step with the largest share, and the slowest stage.
+pub fn bottleneck(steps: &[Timing], stages: &[Timing]) -> Option<Bottleneck> {
+    let top = steps.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds))?;
+    let stage = stages.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds)).map(|s| s.name.clone());
+    Some(Bottleneck { step: top.name.clone(), percent: top.percent, stage })
+}
+
+fn bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+fn bar(percent: f64, width: usize) -> String {
+    let filled = ((percent / 100.0) * width as f64).round().clamp(0.0, width as f64) as usize;
+    format!("{}{}", "█".repeat(filled), "░".repeat(width - filled))
+}
+
+fn avg_peak(label: &str, v: &Option<AvgPeak>, fmt: impl Fn(f64) -> String) -> String {
+    match v {
+        Some(v) => format!("  {label:<22} avg {:>10}   peak {:>10}\n", fmt(v.avg), fmt(v.peak)),
+        None => format!("  {label:<22} not sampled\n"),
+    }
+}
+
+impl Report {
+    /// The console report: the layout is stable (golden-tested).
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("MuseTalk job {} — {} ({} backend, {} mode)\n", self.job_id, self.outcome.to_uppercase(), self.backend, self.mode));
+        if let Some(e) = &self.error {
+            s.push_str(&format!("Error in {}: {}\n", e.step, e.message));
+        }
+        s.push_str(&format!("Trace: {}", self.trace_id));
+        if let Some(u) = &self.trace_url {
+            s.push_str(&format!("  {u}"));
+        }
+        s.push_str(&format!("\nStarted: {}\nTotal: {:.3} s (queue {:.3} s)\n\nSteps\n", self.created_at, self.total_seconds, self.queue_seconds));
+        for t in &self.steps {
+            s.push_str(&format!("  {:<22} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+        }
+        if !self.stages.is_empty() {
+            s.push_str("\nStages (share of execution)\n");
+            for t in &self.stages {
+                s.push_str(&format!("  {:<22} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+            }
+        }
+        if let Some(b) = &self.bottleneck {
+            s.push_str(&format!("\nBottleneck: {} ({:.1}% of total)", b.step, b.percent));
+            if let Some(st) = &b.stage {
+                s.push_str(&format!(", slowest stage {st}"));
+            }
+            s.push('\n');
+        }
+        if let Some(p) = &self.subprocess {
+            let status = match (p.exit_code, p.signal) {
+                (Some(c), _) => format!("return code {c}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => "no status".into(),
+            };
+            s.push_str(&format!("\nSubprocess\n  pid {}, {status}, {:.3} s ({:.1}% of total)\n  {}\n", p.pid, p.seconds, p.percent, p.command));
+        }
+        s.push_str("\nFiles\n");
+        s.push_str(&format!("  {:<22} {}\n  {:<22} {}\n", "input video", bytes(self.files.video_bytes), "input audio", bytes(self.files.audio_bytes)));
+        match (self.files.output_bytes, self.files.output_input_ratio) {
+            (Some(o), Some(r)) => s.push_str(&format!("  {:<22} {} (output/input {:.2})\n", "output video", bytes(o), r)),
+            _ => s.push_str(&format!("  {:<22} none\n", "output video")),
+        }
+        s.push_str(&format!("\nMedia\n  audio {:.2} s, video {:.2} s", self.media.audio_seconds, self.media.video_seconds));
+        if let Some(o) = self.media.output_seconds {
+            s.push_str(&format!(", output {o:.2} s"));
+        }
+        if let Some(r) = self.media.realtime_factor {
+            s.push_str(&format!(", realtime factor {r:.2}"));
+        }
+        s.push_str("\n\nResources");
+        let r = &self.resources;
+        s.push_str(&format!(" ({} samples{})\n", r.samples, r.cpu_count.map(|c| format!(", {c} CPUs")).unwrap_or_default()));
+        s.push_str(&avg_peak("host CPU", &r.cpu, |v| format!("{:.1}%", v * 100.0)));
+        s.push_str(&avg_peak("host memory used", &r.memory_used, |v| bytes(v as u64)));
+        if let Some(t) = &r.tree {
+            s.push_str(&avg_peak("pipeline CPU", &Some(t.cpu), |v| format!("{:.1}%", v * 100.0)));
+            s.push_str(&avg_peak("pipeline RSS", &Some(t.rss), |v| bytes(v as u64)));
+            if t.gpu_memory.is_some() {
+                s.push_str(&avg_peak("pipeline GPU memory", &t.gpu_memory, |v| bytes(v as u64)));
+            }
+        }
+        if r.gpus.is_empty() {
+            s.push_str("  GPU                    no data (no NVIDIA GPU/NVML on this host)\n");
+        }
+        for g in &r.gpus {
+            s.push_str(&avg_peak(&format!("GPU {} utilization", g.index), &g.utilization, |v| format!("{:.1}%", v * 100.0)));
+            s.push_str(&avg_peak(&format!("GPU {} memory", g.index), &g.memory_used_bytes, |v| bytes(v as u64)));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_and_bottleneck() {
+        let steps = timings(&[("a".into(), 1.0), ("b".into(), 3.0)], 4.0);
+        assert_eq!(steps[1].percent, 75.0);
+        let stages = timings(&[("x".into(), 0.5), ("y".into(), 2.5)], 3.0);
+        let b = bottleneck(&steps, &stages).unwrap();
+        assert_eq!((b.step.as_str(), b.percent, b.stage.as_deref()), ("b", 75.0, Some("y")));
+        assert!(bottleneck(&[], &[]).is_none());
+        assert_eq!(timings(&[("a".into(), 1.0)], 0.0)[0].percent, 0.0);
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+}

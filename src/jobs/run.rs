@@ -1,0 +1,404 @@
+//! The step runner: one job from its inputs to its report, every step a span and a histogram.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, Tracer as _};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
+use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress};
+use crate::metrics::{ExitLabels, InputLabels, JobLabels, Metrics, ModeLabels, StageLabels, StepLabels, exit_code_label};
+use crate::pipeline::{self, EndReason, JobInput, PipelineError, ProcessOutcome, RunOptions, StageEvent, Stream};
+use crate::telemetry;
+
+/// What the runner learns along the way, for the report and the metrics.
+#[derive(Default)]
+struct Record {
+    steps: Vec<(String, f64)>,
+    stages: Vec<(String, f64)>,
+    queue_seconds: f64,
+    outcome: Option<ProcessOutcome>,
+    command: String,
+    output_bytes: Option<u64>,
+    output_seconds: Option<f64>,
+    exec_window: Option<(Instant, Instant)>,
+    tree_key: Option<u64>,
+}
+
+/// A failed step: its name and what went wrong, and the state the job ends in.
+struct StepFailure {
+    step: &'static str,
+    message: String,
+    state: JobState,
+}
+
+impl StepFailure {
+    fn from_pipeline(step: &'static str, e: PipelineError) -> Self {
+        let state = match e {
+            PipelineError::Cancelled => JobState::Cancelled,
+            PipelineError::TimedOut(_) => JobState::TimedOut,
+            _ => JobState::Failed,
+        };
+        StepFailure { step, message: e.to_string(), state }
+    }
+}
+
+fn to_system(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    SystemTime::now() - now.saturating_duration_since(at)
+}
+
+/// Runs `f` as step `name`: a child span of the job, an event pair, a timing.
+async fn step<T>(
+    m: &JobManager,
+    job: &Job,
+    rec: &mut Record,
+    name: &'static str,
+    f: impl AsyncFnOnce(&tracing::Span, &mut Record) -> Result<T, StepFailure>,
+) -> Result<T, StepFailure> {
+    let span = tracing::info_span!(parent: &job.span, "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
+    job.emit(JobEvent::StepStart { step: name.into() });
+    let t0 = Instant::now();
+    let result = f(&span, rec).instrument(span.clone()).await;
+    let secs = t0.elapsed().as_secs_f64();
+    if let Err(e) = &result {
+        telemetry::set_error(&span, e.message.clone());
+    }
+    drop(span);
+    record_step(m, job, rec, name, secs);
+    result
+}
+
+fn record_step(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, secs: f64) {
+    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: name }, secs, &job.trace_id);
+    rec.steps.push((name.to_string(), secs));
+    let timings = report::timings(&rec.steps, 0.0);
+    job.update(|s| s.steps = timings);
+    job.emit(JobEvent::StepEnd { step: name.into(), seconds: secs });
+}
+
+pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
+    let mut rec = Record::default();
+    let span = job.span.clone();
+    let result = run_steps(&m, &job, admission, &inputs, receive_seconds, &mut rec).instrument(span).await;
+    finish(&m, &job, &inputs, rec, result);
+}
+
+async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
+    // file_processing ran in the request (its span is made by `file_processing_span`); record its time.
+    record_step(m, job, rec, "file_processing", receive_seconds);
+
+    // queue_wait: its own span, until a run slot is ours (or the job is cancelled).
+    job.set_state(JobState::Queued);
+    let queue_span = tracing::info_span!(parent: &job.span, "queue_wait", otel.name = "queue_wait");
+    let q0 = Instant::now();
+    let permit = tokio::select! {
+        p = m.slots.clone().acquire_owned() => p.map_err(|_| StepFailure { step: "queue_wait", message: "the service is shutting down".into(), state: JobState::Cancelled })?,
+        _ = job.cancel.cancelled() => {
+            return Err(StepFailure { step: "queue_wait", message: "cancelled while queued".into(), state: JobState::Cancelled });
+        }
+    };
+    rec.queue_seconds = q0.elapsed().as_secs_f64();
+    drop(queue_span);
+    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode }).observe(rec.queue_seconds);
+    m.running.fetch_add(1, Ordering::AcqRel);
+    admission.release();
+    job.set_state(JobState::Running);
+    let _running = RunningGuard(m.clone());
+    let _permit = permit;
+
+    let pjob = JobInput {
+        job_id: job.id.clone(),
+        dir: job.dir.clone(),
+        video: inputs.video.clone(),
+        audio: inputs.audio.clone(),
+        video_info: inputs.video_info.clone(),
+        audio_info: inputs.audio_info.clone(),
+        bbox_shift: inputs.bbox_shift,
+        batch_size: inputs.batch_size,
+    };
+    let backend = m.backend.clone();
+
+    let invocation = step(m, job, rec, "config_creation", async |_, _| backend.prepare(&pjob).map_err(|e| StepFailure::from_pipeline("config_creation", e))).await?;
+
+    let (outcome, parser) = step(m, job, rec, "subprocess_execution", async |span, rec| execute(m, job, &pjob, &invocation, span, rec).await).await?;
+
+    let output = step(m, job, rec, "output_discovery", async |span, rec| {
+        let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
+        let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
+        rec.output_bytes = Some(size);
+        span.set_attribute("musetalk.output.bytes", size as i64);
+        let input = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
+        if input > 0 {
+            span.set_attribute("musetalk.output.input_ratio", size as f64 / input as f64);
+        }
+        match pipeline::media::probe(&m.config.ffprobe, &path).await {
+            Ok(info) if info.has_video => {
+                rec.output_seconds = Some(info.duration_secs);
+                span.set_attribute("musetalk.output.seconds", info.duration_secs);
+                Ok(path)
+            }
+            Ok(_) => Err(StepFailure { step: "output_discovery", message: format!("{} has no video stream", path.display()), state: JobState::Failed }),
+            Err(e) => Err(StepFailure { step: "output_discovery", message: format!("the output is not a playable video: {e}"), state: JobState::Failed }),
+        }
+    })
+    .await?;
+    Ok(output)
+}
+
+struct RunningGuard(Arc<JobManager>);
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.publish_queue();
+    }
+}
+
+/// `subprocess_execution`: runs the invocation, turns its output into stage spans,
+/// histogram observations, progress and log events.
+async fn execute(
+    m: &Arc<JobManager>,
+    job: &Arc<Job>,
+    pjob: &JobInput,
+    inv: &pipeline::Invocation,
+    span: &tracing::Span,
+    rec: &mut Record,
+) -> Result<(ProcessOutcome, Box<dyn pipeline::StageParser>), StepFailure> {
+    rec.command = inv.display();
+    span.set_attribute("process.command_line", rec.command.clone());
+    let opts = RunOptions { timeout: m.config.job_timeout, kill_grace: m.config.kill_grace, cancel: job.cancel.clone(), traceparent: telemetry::traceparent(span) };
+    let mut parser = m.backend.stage_parser(pjob);
+    let tracer = opentelemetry::global::tracer(telemetry::SCOPE);
+    let parent_cx = span.context();
+    let mut open: HashMap<String, (Instant, opentelemetry::global::BoxedSpan)> = HashMap::new();
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut current_stage: Option<String> = None;
+    let mut guard = None;
+    let collector = m.collector.clone();
+    let metrics = m.metrics.clone();
+    let mode = job.mode;
+    let trace_id = job.trace_id.clone();
+
+    let mut handle = |ev: StageEvent| match ev {
+        StageEvent::Start { name, at } => {
+            let s = tracer.span_builder(name.clone()).with_start_time(to_system(at)).with_attributes([KeyValue::new("musetalk.stage", name.clone())]).start_with_context(&tracer, &parent_cx);
+            open.insert(name.clone(), (at, s));
+            current_stage = Some(name.clone());
+            job.update(|s| {
+                s.stage = Some(name.clone());
+                s.progress = None;
+            });
+            job.emit(JobEvent::StageStart { stage: name });
+        }
+        StageEvent::End { name, at } => {
+            if let Some((t0, mut s)) = open.remove(&name) {
+                let secs = at.saturating_duration_since(t0).as_secs_f64();
+                s.end_with_timestamp(to_system(at));
+                Metrics::observe_traced(&metrics.stage_duration, &StageLabels { mode, stage: pipeline::stages::stage_label(&name) }, secs, &trace_id);
+                stages.push((name.clone(), secs));
+                job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
+            }
+        }
+        StageEvent::Progress { done, total } => {
+            job.update(|s| s.progress = Some(Progress { done, total }));
+            job.emit(JobEvent::Progress { stage: current_stage.clone(), done, total });
+        }
+    };
+
+    let started = Instant::now();
+    for ev in parser.begin(started) {
+        handle(ev);
+    }
+    let result = pipeline::process::run(
+        inv,
+        &opts,
+        &mut |pid| {
+            guard = Some(collector.register_tree(pid, mode));
+            tracing::info!(pid, "pipeline started");
+        },
+        &mut |stream, line, at| {
+            match stream {
+                Stream::Stdout => tracing::debug!(target: "pipeline", stream = "stdout", "{line}"),
+                Stream::Stderr => tracing::debug!(target: "pipeline", stream = "stderr", "{line}"),
+            }
+            for ev in parser.line(stream, line, at) {
+                handle(ev);
+            }
+        },
+    )
+    .await;
+    let ended = Instant::now();
+    for ev in parser.finish(ended) {
+        handle(ev);
+    }
+    drop(handle);
+    rec.stages = stages;
+    rec.exec_window = Some((started, ended));
+    rec.tree_key = guard.as_ref().map(|g| g.key());
+    drop(guard);
+    let outcome = result.map_err(|e| StepFailure::from_pipeline("subprocess_execution", e))?;
+    span.set_attribute("process.pid", outcome.pid as i64);
+    if let Some(c) = outcome.code {
+        span.set_attribute("process.exit.code", c as i64);
+    }
+    m.metrics.subprocess_exits.get_or_create(&ExitLabels { backend: m.backend.name(), code: exit_code_label(outcome.code, outcome.signal) }).inc();
+    rec.outcome = Some(outcome.clone());
+    match outcome.ended {
+        EndReason::TimedOut => return Err(StepFailure::from_pipeline("subprocess_execution", PipelineError::TimedOut(m.config.job_timeout))),
+        EndReason::Cancelled => return Err(StepFailure::from_pipeline("subprocess_execution", PipelineError::Cancelled)),
+        EndReason::Exited => {}
+    }
+    Ok((outcome, parser))
+}
+
+/// Builds the report, sets the final state, records the job metrics. Runs for every
+/// job, whatever happened, as `response_preparation`.
+fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>) {
+    let t0 = Instant::now();
+    let span = tracing::info_span!(parent: &job.span, "step", otel.name = "response_preparation", musetalk.step = "response_preparation");
+    let (state, error) = match &result {
+        Ok(_) => (JobState::Succeeded, None),
+        Err(f) => (f.state, Some(ErrorInfo { step: f.step.to_string(), message: f.message.clone() })),
+    };
+    if let Ok(p) = &result {
+        *job.output.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+    }
+    // Resource window: the whole job for host figures, the execution step for its tree.
+    let (w0, w1) = rec.exec_window.unwrap_or((job.created_at, Instant::now()));
+    let mut resources = m.collector.window(job.created_at, Instant::now(), rec.tree_key);
+    if rec.tree_key.is_some() {
+        resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
+    }
+    drop(span);
+    let prep_secs = t0.elapsed().as_secs_f64();
+    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: "response_preparation" }, prep_secs, &job.trace_id);
+    rec.steps.push(("response_preparation".into(), prep_secs));
+    let total = job.created_at.elapsed().as_secs_f64();
+    let processing = total - rec.queue_seconds;
+    let steps = report::timings(&rec.steps, total);
+    let exec_secs = rec.steps.iter().find(|(n, _)| n == "subprocess_execution").map(|(_, s)| *s).unwrap_or(0.0);
+    let stages = report::timings(&rec.stages, exec_secs);
+    let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
+    let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
+    let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
+    let report = Report {
+        job_id: job.id.clone(),
+        trace_id: job.trace_id.clone(),
+        trace_url: m.config.trace_ui_url.as_ref().map(|u| u.replace("{trace_id}", &job.trace_id)),
+        mode: job.mode.into(),
+        backend: job.backend.into(),
+        outcome: state.as_str().into(),
+        error: error.clone(),
+        created_at: humantime::format_rfc3339_millis(job.created).to_string(),
+        total_seconds: total,
+        queue_seconds: rec.queue_seconds,
+        bottleneck: report::bottleneck(&steps, &stages),
+        steps,
+        stages,
+        subprocess: rec.outcome.as_ref().map(|o| Subprocess {
+            pid: o.pid,
+            exit_code: o.code,
+            signal: o.signal,
+            seconds: o.duration.as_secs_f64(),
+            percent: if total > 0.0 { o.duration.as_secs_f64() / total * 100.0 } else { 0.0 },
+            command: rec.command.clone(),
+        }),
+        files: Files { video_bytes: inputs.video_info.size_bytes, audio_bytes: inputs.audio_info.size_bytes, output_bytes: rec.output_bytes, output_input_ratio: ratio },
+        media: Media {
+            video_seconds: inputs.video_info.duration_secs,
+            audio_seconds: inputs.audio_info.duration_secs,
+            output_seconds: rec.output_seconds,
+            input_frames: inputs.video_info.frames,
+            realtime_factor: rtf,
+        },
+        resources,
+    };
+
+    // Job span attributes: outcome, media, and the resource window.
+    let js = &job.span;
+    js.record("musetalk.outcome", state.as_str());
+    if let Some(e) = &error {
+        telemetry::set_error(js, format!("{}: {}", e.step, e.message));
+    }
+    if let Some(a) = &inputs.avatar_id {
+        js.set_attribute("musetalk.avatar.id", a.clone());
+    }
+    if let Some(f) = inputs.video_info.frames {
+        js.set_attribute("musetalk.frames", f as i64);
+    }
+    if let Some(o) = rec.output_seconds {
+        js.set_attribute("musetalk.output.seconds", o);
+    }
+    if let Some(r) = rtf {
+        js.set_attribute("musetalk.realtime_factor", r);
+    }
+    let r = &report.resources;
+    let set_ap = |key: &'static str, v: Option<crate::collector::AvgPeak>| {
+        if let Some(v) = v {
+            js.set_attribute(format!("{key}.avg"), v.avg);
+            js.set_attribute(format!("{key}.peak"), v.peak);
+        }
+    };
+    set_ap("musetalk.resources.cpu", r.cpu);
+    set_ap("musetalk.resources.memory_used", r.memory_used);
+    set_ap("musetalk.resources.pipeline.cpu", r.tree.as_ref().map(|t| t.cpu));
+    set_ap("musetalk.resources.pipeline.rss", r.tree.as_ref().map(|t| t.rss));
+    set_ap("musetalk.resources.pipeline.gpu_memory", r.tree.as_ref().and_then(|t| t.gpu_memory));
+    set_ap("musetalk.resources.gpu.utilization", r.gpus.first().and_then(|g| g.utilization));
+    set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
+
+    // Metrics.
+    let labels = JobLabels { mode: job.mode, backend: job.backend, outcome: state.as_str() };
+    m.metrics.jobs.get_or_create(&labels).inc();
+    Metrics::observe_traced(&m.metrics.job_duration, &labels, total, &job.trace_id);
+    let ml = ModeLabels { mode: job.mode };
+    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode, kind: "video" }).observe(inputs.video_info.size_bytes as f64);
+    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode, kind: "audio" }).observe(inputs.audio_info.size_bytes as f64);
+    if let Some(o) = rec.output_bytes {
+        m.metrics.output_size.get_or_create(&ml).observe(o as f64);
+    }
+    if let Some(r) = ratio {
+        m.metrics.output_input_ratio.get_or_create(&ml).observe(r);
+    }
+    if let Some(r) = rtf {
+        m.metrics.realtime_factor.get_or_create(&ml).observe(r);
+    }
+    match &error {
+        None => tracing::info!(parent: &job.span, job_id = %job.id, seconds = total, "job succeeded"),
+        Some(e) => tracing::warn!(parent: &job.span, job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
+    }
+
+    let steps_now = report.steps.clone();
+    *job.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+    *job.finished_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    let err_text = error.as_ref().map(|e| format!("{}: {}", e.step, e.message));
+    job.update(|s| {
+        s.state = state;
+        s.steps = steps_now;
+        s.stage = None;
+        s.error = err_text.clone();
+    });
+    job.emit(JobEvent::Done { state, error: err_text });
+}
+
+/// A job whose upload or probe failed: terminal state, report and metrics all the same.
+pub(super) fn finish_early(m: &JobManager, job: &Job, step: &'static str, message: String, receive_seconds: f64) {
+    let mut rec = Record::default();
+    rec.steps.push((step.to_string(), receive_seconds));
+    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: "file_processing" }, receive_seconds, &job.trace_id);
+    let inputs = Inputs {
+        video: job.dir.join("missing"),
+        audio: job.dir.join("missing"),
+        video_info: Default::default(),
+        audio_info: Default::default(),
+        bbox_shift: None,
+        batch_size: None,
+        avatar_id: None,
+    };
+    finish(m, job, &inputs, rec, Err(StepFailure { step, message, state: JobState::Failed }));
+}
