@@ -106,15 +106,16 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
         Ok(i) => i,
         Err(e) => {
             telemetry::set_error(&span, e.detail.clone());
-            telemetry::set_error(&job.span, e.detail.clone());
-            job.span.record("musetalk.outcome", "rejected");
+            telemetry::set_error(&job.span(), e.detail.clone());
+            job.span().record("musetalk.outcome", "rejected");
             drop(span);
             st.jobs.discard(&job);
             return Err(e);
         }
     };
-    span.record("musetalk.input.video.bytes", inputs.video_info.size_bytes);
-    span.record("musetalk.input.audio.bytes", inputs.audio_info.size_bytes);
+    // Unsigned integers would be exported as strings: OTLP integers are i64.
+    span.record("musetalk.input.video.bytes", inputs.video_info.size_bytes as i64);
+    span.record("musetalk.input.audio.bytes", inputs.audio_info.size_bytes as i64);
     span.record("musetalk.input.video.seconds", inputs.video_info.duration_secs);
     span.record("musetalk.input.audio.seconds", inputs.audio_info.duration_secs);
     drop(span);

@@ -139,15 +139,19 @@ async fn http_telemetry(State(state): State<AppState>, req: Request, next: Next)
             otel.name = %span_name,
             otel.kind = "server",
             http.request.method = %method,
-            http.route = route.as_deref().unwrap_or(""),
+            http.route = tracing::field::Empty,
             url.path = %req.uri().path(),
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
+        if let Some(r) = &route {
+            span.record("http.route", r.as_str());
+        }
         telemetry::set_parent(&span, telemetry::extract(req.headers()));
         let response = next.run(req).instrument(span.clone()).await;
         let status = response.status().as_u16();
-        span.record("http.response.status_code", status);
+        // i64, not u16: tracing-opentelemetry exports unsigned fields as strings.
+        span.record("http.response.status_code", i64::from(status));
         if response.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }

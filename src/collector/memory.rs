@@ -1,16 +1,39 @@
 //! Host memory source: `/proc/meminfo`, split the way `free(1)` splits it.
 
-use procfs::{Current, Meminfo};
-
 use super::{MemorySample, Sample, Source, SourceError, SourceName, TreeRegistration};
 
 pub struct MemorySource;
 
+/// Parses the five `/proc/meminfo` lines we publish. Hand-parsed rather than through
+/// `procfs::Meminfo` (which parses all ~50 lines into a map): this runs every sample
+/// and the full parse was a third of the sampling budget (DESIGN.md §9).
 /// `cached` includes reclaimable slab, as procps does; `used` is what is left.
-pub fn from_meminfo(m: &Meminfo) -> MemorySample {
-    let cached = m.cached + m.s_reclaimable.unwrap_or(0);
-    let used = m.mem_total.saturating_sub(m.mem_free + m.buffers + cached);
-    MemorySample { total: m.mem_total, used, free: m.mem_free, cached, buffers: m.buffers }
+pub fn parse_meminfo(text: &str) -> Option<MemorySample> {
+    let (mut total, mut free, mut buffers, mut cached, mut sreclaim) = (None, None, None, None, 0u64);
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else { continue };
+        let slot = match key {
+            "MemTotal" => &mut total,
+            "MemFree" => &mut free,
+            "Buffers" => &mut buffers,
+            "Cached" => &mut cached,
+            "SReclaimable" => {
+                sreclaim = kib(rest).unwrap_or(0);
+                continue;
+            }
+            _ => continue,
+        };
+        *slot = kib(rest);
+    }
+    let (total, free, buffers) = (total?, free?, buffers.unwrap_or(0));
+    let cached = cached.unwrap_or(0) + sreclaim;
+    let used = total.saturating_sub(free + buffers + cached);
+    Some(MemorySample { total, used, free, cached, buffers })
+}
+
+/// `   1234 kB` → bytes.
+fn kib(v: &str) -> Option<u64> {
+    v.split_ascii_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 impl Source for MemorySource {
@@ -19,8 +42,8 @@ impl Source for MemorySource {
     }
 
     fn collect(&mut self, sample: &mut Sample, _: &[TreeRegistration]) -> Result<(), SourceError> {
-        let m = Meminfo::current().map_err(|e| SourceError::Failed(format!("reading /proc/meminfo: {e}")))?;
-        sample.memory = Some(from_meminfo(&m));
+        let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| SourceError::Failed(format!("reading /proc/meminfo: {e}")))?;
+        sample.memory = Some(parse_meminfo(&text).ok_or_else(|| SourceError::Failed("/proc/meminfo lacks MemTotal/MemFree".into()))?);
         Ok(())
     }
 }
@@ -28,6 +51,13 @@ impl Source for MemorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_the_fields_free_uses() {
+        let m = parse_meminfo("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    500 kB\nBuffers:          10 kB\nCached:          200 kB\nSReclaimable:     40 kB\n").unwrap();
+        assert_eq!(m, MemorySample { total: 1024000, free: 102400, buffers: 10240, cached: 245760, used: 665600 });
+        assert!(parse_meminfo("Buffers: 1 kB\n").is_none());
+    }
 
     #[test]
     fn real_meminfo_adds_up() {

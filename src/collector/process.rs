@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use procfs::process::{LimitValue, Process};
+
 use procfs::{CurrentSI, KernelStats};
 
 use super::{Sample, Source, SourceError, SourceName, TreeRegistration, TreeSample};
@@ -62,37 +63,36 @@ impl ProcessSource {
         })
     }
 
-    /// Root and all descendants (pids), root first. Empty once the root is gone.
-    pub fn tree_pids(&self, root: u32) -> Vec<u32> {
-        let mut out = Vec::new();
+    /// Root and all descendants with their stat figures, root first. Empty once the root is gone.
+    fn walk(&self, root: u32) -> Vec<(u32, PidStat)> {
+        let mut out: Vec<(u32, PidStat)> = Vec::new();
         let mut stack = vec![root];
+        let mut buf = String::with_capacity(512);
         while let Some(pid) = stack.pop() {
             // A pid is listed twice only in a race with reparenting; keep it once.
-            if out.contains(&pid) {
+            if out.iter().any(|(p, _)| *p == pid) {
                 continue;
             }
+            // A member may exit between the walk and this read: skip it, its time is in its parent.
+            let Some(st) = read_stat(pid, &mut buf) else { continue };
+            out.push((pid, st));
             if self.children_files {
-                let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
-                out.push(pid);
-                for task in tasks.flatten() {
-                    let path = task.path().join("children");
-                    if let Ok(text) = std::fs::read_to_string(path) {
-                        stack.extend(text.split_ascii_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                if st.threads <= 1 {
+                    // Single-threaded (ffmpeg, shells): one file, no directory listing.
+                    push_children(&format!("/proc/{pid}/task/{pid}/children"), &mut stack, &mut buf);
+                } else if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                    // Any thread may have forked (Python's subprocess from a worker thread).
+                    for task in tasks.flatten() {
+                        push_children(&format!("/proc/{pid}/task/{}/children", task.file_name().to_string_lossy()), &mut stack, &mut buf);
                     }
                 }
-            } else {
-                // Fallback for kernels without CONFIG_PROC_CHILDREN: one scan per level.
-                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                    continue;
-                }
-                out.push(pid);
-                if let Ok(all) = procfs::process::all_processes() {
-                    for p in all.flatten() {
-                        if let Ok(st) = p.stat()
-                            && st.ppid as u32 == pid
-                        {
-                            stack.push(p.pid as u32);
-                        }
+            } else if let Ok(all) = procfs::process::all_processes() {
+                // Fallback for kernels without CONFIG_PROC_CHILDREN: a scan per member.
+                for p in all.flatten() {
+                    if let Ok(st) = p.stat()
+                        && st.ppid as u32 == pid
+                    {
+                        stack.push(p.pid as u32);
                     }
                 }
             }
@@ -100,18 +100,16 @@ impl ProcessSource {
         out
     }
 
+    /// Root and all descendants (pids), root first. Empty once the root is gone.
+    pub fn tree_pids(&self, root: u32) -> Vec<u32> {
+        self.walk(root).into_iter().map(|(p, _)| p).collect()
+    }
+
     fn tree(&mut self, reg: &TreeRegistration, now: Instant) -> TreeSample {
-        let pids = self.tree_pids(reg.root_pid);
-        let (mut ticks, mut rss) = (0u64, 0u64);
-        let mut alive = Vec::with_capacity(pids.len());
-        for pid in pids {
-            // A member may exit between the walk and this read: skip it, its time is in its parent.
-            if let Ok(st) = Process::new(pid as i32).and_then(|p| p.stat()) {
-                ticks += st.utime + st.stime + st.cutime.max(0) as u64 + st.cstime.max(0) as u64;
-                rss += st.rss * self.page_size;
-                alive.push(pid);
-            }
-        }
+        let members = self.walk(reg.root_pid);
+        let ticks: u64 = members.iter().map(|(_, s)| s.ticks).sum();
+        let rss: u64 = members.iter().map(|(_, s)| s.rss_pages * self.page_size).sum();
+        let alive = members.iter().map(|(p, _)| *p).collect();
         let (prev_ticks, prev_at) = self.prev.get(&reg.key).copied().unwrap_or((0, reg.registered_at));
         let elapsed = now.saturating_duration_since(prev_at).as_secs_f64();
         let cpu_ratio = if elapsed > 0.0 {
@@ -121,6 +119,47 @@ impl ProcessSource {
         };
         self.prev.insert(reg.key, (ticks.max(prev_ticks), now));
         TreeSample { key: reg.key, mode: reg.mode, pids: alive, cpu_ratio, rss_bytes: rss, gpu_memory_bytes: None, gpu_util: None }
+    }
+}
+
+/// The figures of `/proc/PID/stat` a tree sample needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PidStat {
+    /// utime + stime + cutime + cstime, in clock ticks.
+    ticks: u64,
+    rss_pages: u64,
+    threads: u64,
+}
+
+/// Reads and parses `/proc/PID/stat` into `buf` (reused across calls). Parsed here
+/// rather than through `procfs::Process` because this runs for every tree member
+/// every sample: one open+read instead of four syscalls and a full parse keeps a
+/// sample inside DESIGN.md §9's CPU budget.
+fn read_stat(pid: u32, buf: &mut String) -> Option<PidStat> {
+    use std::io::Read;
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/stat")).ok()?.read_to_string(buf).ok()?;
+    parse_stat(buf)
+}
+
+/// Fields after the `comm` (which may contain spaces and parentheses: split after the last `)`).
+fn parse_stat(text: &str) -> Option<PidStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // rest: " S ppid pgrp ..." → field 3 (state) is index 0 here.
+    let f: Vec<&str> = rest.split_ascii_whitespace().take(22).collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok());
+    // utime 14, stime 15, cutime 16, cstime 17, num_threads 20, rss 24 (1-based in proc(5)).
+    let ticks = [n(11)?, n(12)?, n(13)?, n(14)?].iter().map(|v| (*v).max(0) as u64).sum();
+    Some(PidStat { ticks, threads: n(17)?.max(0) as u64, rss_pages: n(21)?.max(0) as u64 })
+}
+
+fn push_children(path: &str, stack: &mut Vec<u32>, buf: &mut String) {
+    use std::io::Read;
+    buf.clear();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.read_to_string(buf).is_ok()
+    {
+        stack.extend(buf.split_ascii_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
 }
 
@@ -150,6 +189,16 @@ mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::time::Duration;
+
+    #[test]
+    fn stat_parsing_handles_odd_command_names() {
+        let line = "1234 (we (ird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 3 2 1 20 0 5 0 12345 1000000 250 18446744073709551615";
+        assert_eq!(parse_stat(line), Some(PidStat { ticks: 13, rss_pages: 250, threads: 5 }));
+        assert_eq!(parse_stat("garbage"), None);
+        let mut buf = String::new();
+        let me = read_stat(std::process::id(), &mut buf).unwrap();
+        assert!(me.rss_pages > 0 && me.threads >= 1);
+    }
 
     #[test]
     fn sidecar_figures_are_plausible() {

@@ -127,7 +127,8 @@ pub struct Job {
     pub dir: PathBuf,
     pub created: SystemTime,
     pub created_at: Instant,
-    pub span: tracing::Span,
+    /// The `musetalk.job` span; taken out (and so ended and exported) when the job ends.
+    span: Mutex<Option<tracing::Span>>,
     pub trace_id: String,
     status: watch::Sender<JobStatus>,
     events: broadcast::Sender<JobEvent>,
@@ -146,6 +147,16 @@ impl Job {
             self.created_at.elapsed().as_secs_f64()
         };
         s
+    }
+
+    /// The job span (a disabled span once the job has ended).
+    pub fn span(&self) -> tracing::Span {
+        self.span.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Ends the job span: the job store keeps the job, but its span must close to be exported.
+    fn close_span(&self) {
+        self.span.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     pub fn state(&self) -> JobState {
@@ -192,7 +203,7 @@ impl Job {
     /// The `file_processing` step span (upload, probe), made by the HTTP layer that receives the files.
     pub fn file_processing_span(&self) -> tracing::Span {
         tracing::info_span!(
-            parent: &self.span,
+            parent: &self.span(),
             "step",
             otel.name = "file_processing",
             musetalk.step = "file_processing",
@@ -360,7 +371,7 @@ impl JobManager {
             dir,
             created,
             created_at: Instant::now(),
-            span,
+            span: Mutex::new(Some(span)),
             trace_id,
             status: watch::channel(status).0,
             events: broadcast::channel(1024).0,
@@ -375,6 +386,7 @@ impl JobManager {
 
     /// Forgets a job whose upload was rejected (it never became work): no state, no dir.
     pub fn discard(&self, job: &Job) {
+        job.close_span();
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.id);
         remove_dir(&job.dir);
     }

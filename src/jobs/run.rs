@@ -61,7 +61,7 @@ async fn step<T>(
     name: &'static str,
     f: impl AsyncFnOnce(&tracing::Span, &mut Record) -> Result<T, StepFailure>,
 ) -> Result<T, StepFailure> {
-    let span = tracing::info_span!(parent: &job.span, "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
+    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
     job.emit(JobEvent::StepStart { step: name.into() });
     let t0 = Instant::now();
     let result = f(&span, rec).instrument(span.clone()).await;
@@ -84,7 +84,7 @@ fn record_step(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, 
 
 pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
     let mut rec = Record::default();
-    let span = job.span.clone();
+    let span = job.span();
     let result = run_steps(&m, &job, admission, &inputs, receive_seconds, &mut rec).instrument(span).await;
     finish(&m, &job, &inputs, rec, result);
 }
@@ -95,7 +95,7 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
 
     // queue_wait: its own span, until a run slot is ours (or the job is cancelled).
     job.set_state(JobState::Queued);
-    let queue_span = tracing::info_span!(parent: &job.span, "queue_wait", otel.name = "queue_wait");
+    let queue_span = tracing::info_span!(parent: &job.span(), "queue_wait", otel.name = "queue_wait");
     let q0 = Instant::now();
     let permit = tokio::select! {
         p = m.slots.clone().acquire_owned() => p.map_err(|_| StepFailure { step: "queue_wait", message: "the service is shutting down".into(), state: JobState::Cancelled })?,
@@ -260,7 +260,7 @@ async fn execute(
 /// job, whatever happened, as `response_preparation`.
 fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>) {
     let t0 = Instant::now();
-    let span = tracing::info_span!(parent: &job.span, "step", otel.name = "response_preparation", musetalk.step = "response_preparation");
+    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = "response_preparation", musetalk.step = "response_preparation");
     let (state, error) = match &result {
         Ok(_) => (JobState::Succeeded, None),
         Err(f) => (f.state, Some(ErrorInfo { step: f.step.to_string(), message: f.message.clone() })),
@@ -320,7 +320,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     };
 
     // Job span attributes: outcome, media, and the resource window.
-    let js = &job.span;
+    let js = &job.span();
     js.record("musetalk.outcome", state.as_str());
     if let Some(e) = &error {
         telemetry::set_error(js, format!("{}: {}", e.step, e.message));
@@ -369,8 +369,8 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
         m.metrics.realtime_factor.get_or_create(&ml).observe(r);
     }
     match &error {
-        None => tracing::info!(parent: &job.span, job_id = %job.id, seconds = total, "job succeeded"),
-        Some(e) => tracing::warn!(parent: &job.span, job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
+        None => tracing::info!(parent: &job.span(), job_id = %job.id, seconds = total, "job succeeded"),
+        Some(e) => tracing::warn!(parent: &job.span(), job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
     }
 
     let steps_now = report.steps.clone();
@@ -384,6 +384,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
         s.error = err_text.clone();
     });
     job.emit(JobEvent::Done { state, error: err_text });
+    job.close_span();
 }
 
 /// A job whose upload or probe failed: terminal state, report and metrics all the same.

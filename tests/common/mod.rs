@@ -1,1 +1,3 @@
 pub mod otlp;
+pub mod prometheus;
+pub mod service;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Makes sure the system tools the tests and the service use are installed.
+#
+#   scripts/ensure-deps.sh ffmpeg prometheus python3-yaml
+#
+# Each argument is a Debian package and what it provides:
+#   ffmpeg        ffmpeg, ffprobe   (the preview backend, media probing)
+#   prometheus    prometheus, promtool (the real Prometheus the e2e tests scrape with)
+#   python3-yaml  `python3 -c 'import yaml'`
+# Missing ones are installed with apt-get when running as root; otherwise the exact
+# command to run is printed and the script exits 1.
+set -euo pipefail
+
+say() { printf '==> %s\n' "$*"; }
+
+have() {
+    case "$1" in
+        ffmpeg) command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 ;;
+        prometheus) command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 ;;
+        python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
+        *) printf 'ensure-deps: unknown component %s\n' "$1" >&2; exit 2 ;;
+    esac
+}
+
+missing=()
+for pkg in "$@"; do
+    have "$pkg" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    say "system tools present: $*"
+    exit 0
+fi
+
+install_cmd="apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+if ! command -v apt-get >/dev/null 2>&1; then
+    printf 'missing: %s; this is not a Debian/Ubuntu system, install them with your package manager\n' "${missing[*]}" >&2
+    exit 1
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    printf 'missing: %s; install them with:\n  sudo sh -c '\''%s'\''\n' "${missing[*]}" "$install_cmd" >&2
+    exit 1
+fi
+
+say "installing ${missing[*]} (apt-get)"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+still=()
+for pkg in "${missing[@]}"; do
+    if ! have "$pkg" && [ "$pkg" = python3-yaml ]; then
+        # The python3 on PATH may not be Debian's (pyenv, venv): give it PyYAML directly.
+        python3 -m pip install -q pyyaml >/dev/null 2>&1 || true
+    fi
+    have "$pkg" || still+=("$pkg")
+done
+if [ ${#still[@]} -ne 0 ]; then
+    printf 'still missing after apt-get install: %s\n' "${still[*]}" >&2
+    case " ${still[*]} " in
+        *" python3-yaml "*) printf '  python3 on PATH (%s) does not see the system package; run: python3 -m pip install pyyaml\n' "$(command -v python3 || echo none)" >&2 ;;
+    esac
+    exit 1
+fi
+say "installed ${missing[*]}"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test: unit, integration and end-to-end (the real binary, real ffmpeg,
+# a real Prometheus, an in-process OTLP receiver). Tests marked #[ignore] need an
+# NVIDIA GPU and stay ignored. Extra arguments go to `cargo test`.
+#
+# On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe,
+# prometheus, promtool, python3-yaml) are installed when running as root; otherwise
+# the command to install them is printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    printf 'cargo not found: install Rust (https://rustup.rs) first\n' >&2
+    exit 1
+fi
+
+say "checking system tools"
+scripts/ensure-deps.sh ffmpeg prometheus python3-yaml
+
+say "cargo test --all-targets $*"
+status=0
+cargo test --all-targets "$@" || status=$?
+if [ "$status" -eq 0 ]; then
+    say "all tests passed"
+else
+    say "tests failed (cargo test exit status $status)"
+fi
+exit "$status"
