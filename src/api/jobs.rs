@@ -297,8 +297,13 @@ pub async fn events(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
     let job = find(&st, &id)?;
     let (snapshot, rx) = job.subscribe();
     let terminal = snapshot.state.is_terminal();
-    let first = Event::default().event("status").json_data(&snapshot).unwrap_or_default();
-    let head = futures::stream::once(async move { Ok(first) });
+    let mut head = vec![Ok(Event::default().event("status").json_data(&snapshot).unwrap_or_default())];
+    if terminal {
+        // A finished job's stream still ends with `done`, like a live one.
+        let done = JobEvent::Done { state: snapshot.state, error: snapshot.error.clone() };
+        head.push(Ok(Event::default().event(done.name()).json_data(&done).unwrap_or_default()));
+    }
+    let head = futures::stream::iter(head);
     let tail = futures::stream::unfold((rx, terminal), |(mut rx, done)| async move {
         if done {
             return None;

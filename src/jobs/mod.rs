@@ -329,7 +329,7 @@ impl JobManager {
         Ok(Admission { manager: self.clone(), released: AtomicBool::new(false) })
     }
 
-    /// A rough wait for `Retry-After`: the job timeout spread over the run slots, at least 1 s.
+    /// A rough wait for `Retry-After`: 5 s per job ahead, spread over the run slots (1–300 s).
     pub fn retry_after_secs(&self) -> u64 {
         (5 * (self.queued.load(Ordering::Acquire) as u64 + 1) / self.config.max_concurrent_jobs as u64).clamp(1, 300)
     }
@@ -407,12 +407,6 @@ impl JobManager {
     pub fn start(self: &Arc<Self>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
         let m = self.clone();
         self.tracker.spawn(async move { run::run_job(m, job, admission, inputs, receive_seconds).await });
-    }
-
-    /// Ends a job that failed before it could start (bad upload): it still gets a
-    /// terminal state, a report and its metrics, so nothing disappears silently.
-    pub fn fail_early(&self, job: &Arc<Job>, step: &'static str, message: String, receive_seconds: f64) {
-        run::finish_early(self, job, step, message, receive_seconds);
     }
 
     /// Stops admitting, waits up to `grace` for jobs to finish, then cancels the rest

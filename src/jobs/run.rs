@@ -48,9 +48,20 @@ impl StepFailure {
     }
 }
 
-fn to_system(at: Instant) -> SystemTime {
-    let now = Instant::now();
-    SystemTime::now() - now.saturating_duration_since(at)
+/// Maps monotonic instants to wall-clock time against one anchor, so instants that
+/// are equal (lines read in one chunk) or ordered stay so on the exported spans.
+struct Clock {
+    sys: SystemTime,
+    mono: Instant,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Clock { sys: SystemTime::now(), mono: Instant::now() }
+    }
+    fn to_system(&self, at: Instant) -> SystemTime {
+        if at >= self.mono { self.sys + (at - self.mono) } else { self.sys - (self.mono - at) }
+    }
 }
 
 /// Runs `f` as step `name`: a child span of the job, an event pair, a timing.
@@ -176,6 +187,7 @@ async fn execute(
     let tracer = opentelemetry::global::tracer(telemetry::SCOPE);
     let parent_cx = span.context();
     let mut open: HashMap<String, (Instant, opentelemetry::global::BoxedSpan)> = HashMap::new();
+    let clock = Clock::now();
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut current_stage: Option<String> = None;
     let mut guard = None;
@@ -186,7 +198,7 @@ async fn execute(
 
     let mut handle = |ev: StageEvent| match ev {
         StageEvent::Start { name, at } => {
-            let s = tracer.span_builder(name.clone()).with_start_time(to_system(at)).with_attributes([KeyValue::new("musetalk.stage", name.clone())]).start_with_context(&tracer, &parent_cx);
+            let s = tracer.span_builder(name.clone()).with_start_time(clock.to_system(at)).with_attributes([KeyValue::new("musetalk.stage", name.clone())]).start_with_context(&tracer, &parent_cx);
             open.insert(name.clone(), (at, s));
             current_stage = Some(name.clone());
             job.update(|s| {
@@ -198,7 +210,7 @@ async fn execute(
         StageEvent::End { name, at } => {
             if let Some((t0, mut s)) = open.remove(&name) {
                 let secs = at.saturating_duration_since(t0).as_secs_f64();
-                s.end_with_timestamp(to_system(at));
+                s.end_with_timestamp(clock.to_system(at));
                 Metrics::observe_traced(&metrics.stage_duration, &StageLabels { mode, stage: pipeline::stages::stage_label(&name) }, secs, &trace_id);
                 stages.push((name.clone(), secs));
                 job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
@@ -385,21 +397,4 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     });
     job.emit(JobEvent::Done { state, error: err_text });
     job.close_span();
-}
-
-/// A job whose upload or probe failed: terminal state, report and metrics all the same.
-pub(super) fn finish_early(m: &JobManager, job: &Job, step: &'static str, message: String, receive_seconds: f64) {
-    let mut rec = Record::default();
-    rec.steps.push((step.to_string(), receive_seconds));
-    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: "file_processing" }, receive_seconds, &job.trace_id);
-    let inputs = Inputs {
-        video: job.dir.join("missing"),
-        audio: job.dir.join("missing"),
-        video_info: Default::default(),
-        audio_info: Default::default(),
-        bbox_shift: None,
-        batch_size: None,
-        avatar_id: None,
-    };
-    finish(m, job, &inputs, rec, Err(StepFailure { step, message, state: JobState::Failed }));
 }
