@@ -34,6 +34,8 @@ pub enum RunError {
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot listen on {addr}: {source} (is another process using the port? set --listen)")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Auth(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -43,6 +45,10 @@ pub enum RunError {
 pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
     std::fs::create_dir_all(config.jobs_dir()).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
+    let auth = match &config.auth_token_file {
+        Some(path) => api::auth::Tokens::load(path).map_err(RunError::Auth)?,
+        None => api::auth::Tokens::default(),
+    };
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
@@ -56,6 +62,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
     let state = AppState {
         jobs: jobs.clone(),
+        auth,
         config: config.clone(),
         metrics,
         collector: collector.handle(),

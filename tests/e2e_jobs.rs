@@ -762,3 +762,53 @@ async fn sigterm_lets_the_in_flight_sync_request_finish() {
     let exit = svc.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(exit.code(), Some(0), "{exit}; logs:\n{}", svc.logs());
 }
+
+// ---------------------------------------------------------------------------------------
+// Bearer auth.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_guards_the_api_but_not_the_admin_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "# api tokens\nsecret-one\nsecret-two\n").unwrap();
+    let svc = ready(ServiceBuilder::new().arg("--auth-token-file").arg(&tokens)).await;
+    for auth in [None, Some("Bearer wrong"), Some("Basic c2VjcmV0LW9uZQ=="), Some("Bearer secret-on")] {
+        let mut req = svc.client().post(svc.url("/v1/inference")).multipart(good_form());
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"), "{auth:?}");
+        let (status, body) = json_of(r).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
+        assert_eq!(body["error"], "unauthorized");
+        let (status, _) = json_of(svc.client().get(svc.url("/v1/jobs")).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert!(job_dirs(&svc).is_empty(), "a refused request writes nothing");
+    let r = svc.client().post(svc.url("/v1/inference")).header("Authorization", "Bearer secret-two").multipart(good_form()).send().await.unwrap();
+    let (status, body) = json_of(r).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(svc.get(open).await.status(), StatusCode::OK, "{open} needs no token");
+    }
+}
+
+#[test]
+fn unreadable_or_empty_token_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n# nothing\n").unwrap();
+    for (file, needle) in [(empty.as_path(), "holds no token"), (dir.path().join("missing").as_path(), "cannot read --auth-token-file")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_musetalk-sidecar"))
+            .args(["--listen", "127.0.0.1:0", "--auth-token-file"])
+            .arg(file)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{err}");
+    }
+}

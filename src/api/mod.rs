@@ -4,6 +4,7 @@
 //! in `lib.rs` binds it. This layer knows jobs only through `jobs::JobManager`.
 
 pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod jobs;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     /// Whether spans are exported (for diagnostics).
     pub exporting: bool,
     pub jobs: Arc<crate::jobs::JobManager>,
+    /// Bearer tokens for `/v1/*`; empty: no auth.
+    pub auth: auth::Tokens,
 }
 
 impl AppState {
@@ -88,6 +91,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/v1/jobs/{id}/output", get(jobs::output))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_bearer))
 }
 
 fn finish(r: Router<AppState>, state: AppState) -> Router {
