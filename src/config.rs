@@ -126,6 +126,27 @@ pub struct Config {
     #[serde(default)]
     pub pipeline_env: Vec<String>,
 
+    /// Start realtime workers at boot (musetalk and command backends): models stay loaded for avatars and speak. The preview backend serves realtime mode without workers.
+    #[arg(long, env = "MUSETALK_SIDECAR_REALTIME", default_value_t = false)]
+    pub realtime: bool,
+
+    /// GPUs for realtime workers, one worker each (sets CUDA_VISIBLE_DEVICES). Comma-separated.
+    #[arg(long, env = "MUSETALK_SIDECAR_REALTIME_GPUS", value_delimiter = ',', default_value = "0")]
+    pub realtime_gpus: Vec<String>,
+
+    /// Realtime worker program (argv, no shell) speaking docs/worker-protocol.md. Default with --backend musetalk: MUSETALK_PYTHON -u MUSETALK_WORKER_SCRIPT with the MuseTalk flags.
+    #[arg(long, env = "MUSETALK_SIDECAR_WORKER_COMMAND")]
+    pub worker_command: Option<String>,
+
+    /// The shipped MuseTalk worker script (relative to the current directory unless absolute).
+    #[arg(long, env = "MUSETALK_SIDECAR_MUSETALK_WORKER_SCRIPT", default_value = "worker/musetalk_worker.py")]
+    pub musetalk_worker_script: PathBuf,
+
+    /// A realtime worker must say `ready` (models loaded) within this long, or it is restarted.
+    #[arg(long, env = "MUSETALK_SIDECAR_WORKER_READY_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub worker_ready_timeout: Duration,
+
     /// ffmpeg executable (the preview backend, probing and MuseTalk's --ffmpeg_path).
     #[arg(long, env = "MUSETALK_SIDECAR_FFMPEG", default_value = "ffmpeg")]
     pub ffmpeg: PathBuf,
@@ -286,6 +307,16 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if let Some(cmd) = &self.worker_command {
+            match shell_words::split(cmd) {
+                Ok(argv) if !argv.is_empty() => {}
+                Ok(_) => return invalid("worker-command", "is empty"),
+                Err(e) => return invalid("worker-command", &format!("cannot split `{cmd}`: {e}")),
+            }
+        }
+        if self.realtime_gpus.is_empty() || self.realtime_gpus.iter().any(|g| g.is_empty() || !g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+            return invalid("realtime-gpus", "must be a comma-separated list of GPU indices or UUIDs");
         }
         if let Some(url) = &self.otlp_endpoint
             && !(url.starts_with("http://") || url.starts_with("https://"))

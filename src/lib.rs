@@ -5,6 +5,7 @@
 //! own thread and knows nothing of jobs; `metrics` defines every metric family.
 
 pub mod api;
+pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod jobs;
@@ -54,7 +55,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
     let backend = pipeline::build(&config);
     let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
-    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), metrics.clone(), collector.handle());
+    let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.handle());
+    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), realtime.clone(), metrics.clone(), collector.handle());
     let stale = jobs.clean_stale_dirs();
     if stale > 0 {
         tracing::info!(dirs = stale, "removed job directories left by an earlier run");
@@ -119,7 +121,9 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     if served.is_err() {
         result = served;
     }
-    tracing::info!("shutdown: jobs drained, stopping the collector");
+    tracing::info!("shutdown: jobs drained, stopping realtime workers");
+    realtime.shutdown().await;
+    tracing::info!("shutdown: stopping the collector");
     tokio::task::spawn_blocking(move || collector.stop()).await.ok();
     tracing::info!("shutdown: flushing telemetry");
     telemetry.shutdown().await;

@@ -14,6 +14,13 @@ use super::{ApiError, AppState};
 #[derive(Clone, Default)]
 pub struct Tokens(Vec<Vec<u8>>);
 
+/// Never prints the tokens themselves.
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} configured)", self.0.len())
+    }
+}
+
 impl Tokens {
     pub fn load(path: &Path) -> Result<Tokens, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --auth-token-file {}: {e}", path.display()))?;

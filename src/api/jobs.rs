@@ -24,8 +24,8 @@ use crate::telemetry;
 
 /// Longest accepted text field (`avatar_id`, numbers), in bytes.
 const MAX_TEXT_FIELD: usize = 256;
-const VIDEO_EXTS: &[&str] = &["mp4", "mov", "avi", "mkv", "webm", "m4v"];
-const AUDIO_EXTS: &[&str] = &["wav", "mp3", "m4a", "aac", "flac", "ogg", "opus"];
+pub(super) const VIDEO_EXTS: &[&str] = &["mp4", "mov", "avi", "mkv", "webm", "m4v"];
+pub(super) const AUDIO_EXTS: &[&str] = &["wav", "mp3", "m4a", "aac", "flac", "ogg", "opus"];
 
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
@@ -38,7 +38,7 @@ impl From<JobError> for ApiError {
 }
 
 /// Disk full is the client's to retry later (507), anything else is ours (500).
-fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
+pub(super) fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
     if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
         ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", format!("{doing}: the data dir is full; free space and retry"))
     } else {
@@ -78,7 +78,7 @@ fn job_response(job: &Job) -> JobResponse {
 }
 
 /// A terminal job as an HTTP answer: 200 on success, an error code otherwise.
-fn finished_response(job: &Job) -> Response {
+pub(super) fn finished_response(job: &Job) -> Response {
     let body = job_response(job);
     let (status, code) = match body.state {
         JobState::Succeeded => return Json(body).into_response(),
@@ -94,7 +94,7 @@ fn finished_response(job: &Job) -> Response {
 pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with `video` and `audio` parts ({e})")))?;
     // Refuse before reading a byte of a possibly huge upload.
-    let admission = st.jobs.admit().map_err(|e| {
+    let admission = st.jobs.admit(MODE_SIMPLE).map_err(|e| {
         let retry = st.jobs.retry_after_secs();
         ApiError::from(e).with_retry_after(retry)
     })?;
@@ -119,15 +119,27 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
     span.record("musetalk.input.video.seconds", inputs.video_info.duration_secs);
     span.record("musetalk.input.audio.seconds", inputs.audio_info.duration_secs);
     drop(span);
-    st.jobs.start(job.clone(), admission, inputs, t0.elapsed().as_secs_f64());
+    st.jobs.start(job.clone(), admission, crate::jobs::Work::Simple(inputs), t0.elapsed().as_secs_f64());
 
-    let prefer_async = headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")));
-    if prefer_async {
+    if prefers_async(&headers) {
         let location = format!("/v1/jobs/{}", job.id);
         return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job.status())).into_response());
     }
     job.finished().await;
     Ok(finished_response(&job))
+}
+
+/// `Prefer: respond-async` (RFC 7240).
+pub(super) fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")))
+}
+
+/// ffprobe of an uploaded part: a 400 naming the part when it is not media.
+pub(super) async fn probe_part(st: &AppState, part: &str, path: &Path) -> Result<crate::pipeline::MediaInfo, ApiError> {
+    media::probe(&st.config.ffprobe, path).await.map_err(|e| match e {
+        ProbeError::Unreadable(why) => ApiError::bad_request(if part == "video" { "invalid_video" } else { "invalid_audio" }, format!("the `{part}` part is not a readable media file: {why}")),
+        other => ApiError::internal(format!("probing the `{part}` part: {other}")),
+    })
 }
 
 #[derive(Default)]
@@ -158,9 +170,7 @@ async fn receive(st: &AppState, job: &Job, multipart: &mut Multipart) -> Result<
             "avatar_id" => {
                 dup(r.avatar_id.is_some())?;
                 let v = text_field(field).await?;
-                if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-                    return Err(bad("invalid_avatar_id", "avatar_id must be 1–64 characters of A–Z, a–z, 0–9, `_` or `-`".into()));
-                }
+                super::avatars::valid_avatar_id(&v)?;
                 r.avatar_id = Some(v);
             }
             "bbox_shift" => {
@@ -184,13 +194,8 @@ async fn receive(st: &AppState, job: &Job, multipart: &mut Multipart) -> Result<
     if audio_bytes == 0 {
         return Err(bad("empty_file", "the `audio` part is empty".into()));
     }
-    let (vi, ai) = tokio::join!(media::probe(&st.config.ffprobe, &video), media::probe(&st.config.ffprobe, &audio));
-    let probe_err = |part: &str, e: ProbeError| match e {
-        ProbeError::Unreadable(why) => bad(if part == "video" { "invalid_video" } else { "invalid_audio" }, format!("the `{part}` part is not a readable media file: {why}")),
-        other => ApiError::internal(format!("probing the `{part}` part: {other}")),
-    };
-    let video_info = vi.map_err(|e| probe_err("video", e))?;
-    let audio_info = ai.map_err(|e| probe_err("audio", e))?;
+    let (vi, ai) = tokio::join!(probe_part(st, "video", &video), probe_part(st, "audio", &audio));
+    let (video_info, audio_info) = (vi?, ai?);
     if !video_info.has_video {
         return Err(bad("invalid_video", "the `video` part has no video stream".into()));
     }
@@ -202,7 +207,7 @@ async fn receive(st: &AppState, job: &Job, multipart: &mut Multipart) -> Result<
 
 /// Writes one file part under the job dir with a generated name (`{kind}_{job}.{ext}`):
 /// the client's file name never reaches the filesystem, only an allow-listed extension.
-async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, kind: &str, exts: &[&str], default_ext: &str) -> Result<(PathBuf, u64), ApiError> {
+pub(super) async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, kind: &str, exts: &[&str], default_ext: &str) -> Result<(PathBuf, u64), ApiError> {
     let ext = field
         .file_name()
         .and_then(|n| Path::new(n).extension())
@@ -226,7 +231,7 @@ async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, kind: &str, e
 }
 
 /// A bounded text part (UTF-8).
-async fn text_field(mut field: Field<'_>) -> Result<String, ApiError> {
+pub(super) async fn text_field(mut field: Field<'_>) -> Result<String, ApiError> {
     let name = field.name().unwrap_or_default().to_string();
     let mut buf = Vec::new();
     while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {

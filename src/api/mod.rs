@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod avatars;
 pub mod error;
 pub mod jobs;
 
@@ -64,6 +65,12 @@ impl AppState {
                 Err(e) => format!("{} backend not usable: {e}", self.config.backend.as_str()),
             },
         });
+        // Realtime workers count only where they exist (preview needs none; off: not asked).
+        let rt = &self.jobs.realtime;
+        if rt.enabled() && rt.name() == "worker" {
+            let r = rt.readiness();
+            checks.push(admin::ReadinessCheck { name: "realtime_workers", ok: r.is_ok(), detail: r.unwrap_or_else(|e| e) });
+        }
         let draining = self.draining.load(Ordering::Acquire);
         checks.push(admin::ReadinessCheck {
             name: "accepting",
@@ -91,6 +98,9 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/v1/jobs/{id}/output", get(jobs::output))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/avatars", post(avatars::prepare).get(avatars::list).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/v1/avatars/{id}", get(avatars::show).delete(avatars::delete))
+        .route("/v1/avatars/{id}/speak", post(avatars::speak).layer(DefaultBodyLimit::max(body_limit)))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_bearer))
 }
 

@@ -103,6 +103,10 @@ pub struct GpuProcess {
     pub sm_util: Option<f64>,
 }
 
+/// `mode` of a tree registered only for a job's resource window (a shared worker whose
+/// figures the pipeline gauges already count under its own registration).
+pub const WINDOW_ONLY: &str = "window";
+
 /// A process tree registered by a job or worker: followed from its root every sample.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TreeRegistration {

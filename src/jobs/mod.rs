@@ -5,6 +5,7 @@
 //! runs the backend's steps. Every step is a span under the `musetalk.job` span and a
 //! `musetalk_step_duration_seconds` observation with the trace id as exemplar.
 
+pub mod avatars;
 pub mod report;
 mod run;
 
@@ -27,6 +28,50 @@ pub use report::Report;
 
 /// `simple` (one subprocess per job) or `realtime` (a prepared avatar).
 pub const MODE_SIMPLE: &str = "simple";
+pub const MODE_REALTIME: &str = "realtime";
+const MODES: [&str; 2] = [MODE_SIMPLE, MODE_REALTIME];
+
+/// Index of a mode in the per-mode counters.
+fn mode_index(mode: &str) -> usize {
+    usize::from(mode == MODE_REALTIME)
+}
+
+/// What a job does.
+pub enum Work {
+    /// Simple mode: the backend's pipeline on a video and an audio.
+    Simple(Inputs),
+    /// Realtime: prepare an avatar (its video is the input).
+    Prepare { avatar: Arc<avatars::Avatar> },
+    /// Realtime: speak a clip with a prepared avatar.
+    Speak { avatar: Arc<avatars::Avatar>, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32> },
+}
+
+impl Work {
+    /// The inputs as the report and metrics see them.
+    fn inputs(&self) -> Inputs {
+        match self {
+            Work::Simple(i) => i.clone(),
+            Work::Prepare { avatar } => Inputs {
+                video: avatar.video.clone(),
+                audio: PathBuf::new(),
+                video_info: avatar.video_info.clone(),
+                audio_info: MediaInfo::default(),
+                bbox_shift: avatar.bbox_shift,
+                batch_size: None,
+                avatar_id: Some(avatar.id.clone()),
+            },
+            Work::Speak { avatar, audio, audio_info, batch_size } => Inputs {
+                video: avatar.video.clone(),
+                audio: audio.clone(),
+                video_info: avatar.video_info.clone(),
+                audio_info: audio_info.clone(),
+                bbox_shift: None,
+                batch_size: *batch_size,
+                avatar_id: Some(avatar.id.clone()),
+            },
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -245,13 +290,14 @@ pub enum JobError {
 /// if the job never starts (a failed upload frees its place).
 pub struct Admission {
     manager: Arc<JobManager>,
+    mode: usize,
     released: AtomicBool,
 }
 
 impl Admission {
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
-            self.manager.queued.fetch_sub(1, Ordering::AcqRel);
+            self.manager.queued[self.mode].fetch_sub(1, Ordering::AcqRel);
             self.manager.publish_queue();
         }
     }
@@ -269,26 +315,30 @@ pub struct JobManager {
     pub backend: Arc<dyn Backend>,
     pub metrics: Arc<Metrics>,
     pub collector: CollectorHandle,
+    pub realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>,
+    pub avatars: avatars::AvatarStore,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     slots: Arc<Semaphore>,
-    /// Jobs admitted but not yet running (uploading or waiting for a slot).
-    queued: AtomicUsize,
-    running: AtomicUsize,
+    /// Per mode: jobs admitted but not yet running (uploading or waiting for a slot).
+    queued: [AtomicUsize; 2],
+    running: [AtomicUsize; 2],
     tracker: TaskTracker,
     draining: AtomicBool,
 }
 
 impl JobManager {
-    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<Self> {
+    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<Self> {
         let m = Arc::new(JobManager {
             slots: Arc::new(Semaphore::new(config.max_concurrent_jobs)),
             config,
             backend,
             metrics,
             collector,
+            realtime,
+            avatars: avatars::AvatarStore::default(),
             jobs: Mutex::default(),
-            queued: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
+            queued: Default::default(),
+            running: Default::default(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
         });
@@ -304,34 +354,40 @@ impl JobManager {
     }
 
     fn publish_queue(&self) {
-        let l = ModeLabels { mode: MODE_SIMPLE };
-        self.metrics.jobs_queued.get_or_create(&l).set(self.queued.load(Ordering::Acquire) as i64);
-        self.metrics.jobs_in_flight.get_or_create(&l).set(self.running.load(Ordering::Acquire) as i64);
+        for (i, mode) in MODES.iter().enumerate() {
+            let l = ModeLabels { mode };
+            self.metrics.jobs_queued.get_or_create(&l).set(self.queued[i].load(Ordering::Acquire) as i64);
+            self.metrics.jobs_in_flight.get_or_create(&l).set(self.running[i].load(Ordering::Acquire) as i64);
+        }
     }
 
     /// Reserves a place before anything is uploaded, so a full service refuses at once.
-    pub fn admit(self: &Arc<Self>) -> Result<Admission, JobError> {
+    pub fn admit(self: &Arc<Self>, mode: &'static str) -> Result<Admission, JobError> {
         if self.draining.load(Ordering::Acquire) {
             return Err(JobError::Draining);
         }
-        let limit = self.config.queue_size + self.config.max_concurrent_jobs.saturating_sub(self.running.load(Ordering::Acquire));
-        let mut cur = self.queued.load(Ordering::Acquire);
+        let i = mode_index(mode);
+        let slots = if i == 0 { self.config.max_concurrent_jobs } else { self.config.realtime_gpus.len().max(1) };
+        let running = self.running[i].load(Ordering::Acquire);
+        let limit = self.config.queue_size + slots.saturating_sub(running);
+        let mut cur = self.queued[i].load(Ordering::Acquire);
         loop {
             if cur >= limit {
-                return Err(JobError::QueueFull { queued: cur, running: self.running.load(Ordering::Acquire) });
+                return Err(JobError::QueueFull { queued: cur, running });
             }
-            match self.queued.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+            match self.queued[i].compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
         }
         self.publish_queue();
-        Ok(Admission { manager: self.clone(), released: AtomicBool::new(false) })
+        Ok(Admission { manager: self.clone(), mode: i, released: AtomicBool::new(false) })
     }
 
     /// A rough wait for `Retry-After`: 5 s per job ahead, spread over the run slots (1–300 s).
     pub fn retry_after_secs(&self) -> u64 {
-        (5 * (self.queued.load(Ordering::Acquire) as u64 + 1) / self.config.max_concurrent_jobs as u64).clamp(1, 300)
+        let queued: usize = self.queued.iter().map(|q| q.load(Ordering::Acquire)).sum();
+        (5 * (queued as u64 + 1) / self.config.max_concurrent_jobs as u64).clamp(1, 300)
     }
 
     /// Creates the job (its dir and its span, child of the current span).
@@ -404,9 +460,9 @@ impl JobManager {
 
     /// Starts the job's runner task. `receive_seconds` is how long the upload took
     /// (the first part of `file_processing`).
-    pub fn start(self: &Arc<Self>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
+    pub fn start(self: &Arc<Self>, job: Arc<Job>, admission: Admission, work: Work, receive_seconds: f64) {
         let m = self.clone();
-        self.tracker.spawn(async move { run::run_job(m, job, admission, inputs, receive_seconds).await });
+        self.tracker.spawn(async move { run::run_job(m, job, admission, work, receive_seconds).await });
     }
 
     /// Stops admitting, waits up to `grace` for jobs to finish, then cancels the rest

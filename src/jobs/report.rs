@@ -70,6 +70,8 @@ pub struct Report {
     pub steps: Vec<Timing>,
     pub stages: Vec<Timing>,
     pub bottleneck: Option<Bottleneck>,
+    /// The realtime worker that served the job.
+    pub worker: Option<String>,
     pub subprocess: Option<Subprocess>,
     pub files: Files,
     pub media: Media,
@@ -139,6 +141,9 @@ impl Report {
                 s.push_str(&format!(", slowest stage {st}"));
             }
             s.push('\n');
+        }
+        if let Some(w) = &self.worker {
+            s.push_str(&format!("\nWorker: {w}\n"));
         }
         if let Some(p) = &self.subprocess {
             let status = match (p.exit_code, p.signal) {

@@ -1,6 +1,7 @@
 //! The step runner: one job from its inputs to its report, every step a span and a histogram.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
@@ -11,8 +12,10 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
-use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress};
+use super::avatars::{Avatar, AvatarState};
+use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Work, mode_index};
 use crate::metrics::{ExitLabels, InputLabels, JobLabels, Metrics, ModeLabels, StageLabels, StepLabels, exit_code_label};
+use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, EndReason, JobInput, PipelineError, ProcessOutcome, RunOptions, StageEvent, Stream};
 use crate::telemetry;
 
@@ -28,6 +31,7 @@ struct Record {
     output_seconds: Option<f64>,
     exec_window: Option<(Instant, Instant)>,
     tree_key: Option<u64>,
+    worker: Option<String>,
 }
 
 /// A failed step: its name and what went wrong, and the state the job ends in.
@@ -45,22 +49,6 @@ impl StepFailure {
             _ => JobState::Failed,
         };
         StepFailure { step, message: e.to_string(), state }
-    }
-}
-
-/// Maps monotonic instants to wall-clock time against one anchor, so instants that
-/// are equal (lines read in one chunk) or ordered stay so on the exported spans.
-struct Clock {
-    sys: SystemTime,
-    mono: Instant,
-}
-
-impl Clock {
-    fn now() -> Self {
-        Clock { sys: SystemTime::now(), mono: Instant::now() }
-    }
-    fn to_system(&self, at: Instant) -> SystemTime {
-        if at >= self.mono { self.sys + (at - self.mono) } else { self.sys - (self.mono - at) }
     }
 }
 
@@ -93,34 +81,276 @@ fn record_step(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, 
     job.emit(JobEvent::StepEnd { step: name.into(), seconds: secs });
 }
 
-pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, inputs: Inputs, receive_seconds: f64) {
+/// Turns stage events into OpenTelemetry spans (with the events' own timestamps) under
+/// the step span, stage histograms with exemplars, progress and SSE events.
+struct StageRecorder<'a> {
+    job: &'a Job,
+    metrics: Arc<Metrics>,
+    tracer: opentelemetry::global::BoxedTracer,
+    parent: opentelemetry::Context,
+    open: HashMap<String, (SystemTime, opentelemetry::global::BoxedSpan)>,
+    stages: Vec<(String, f64)>,
+    current: Option<String>,
+}
+
+impl<'a> StageRecorder<'a> {
+    fn new(job: &'a Job, metrics: Arc<Metrics>, step_span: &tracing::Span) -> Self {
+        StageRecorder {
+            job,
+            metrics,
+            tracer: opentelemetry::global::tracer(telemetry::SCOPE),
+            parent: step_span.context(),
+            open: HashMap::new(),
+            stages: Vec::new(),
+            current: None,
+        }
+    }
+
+    fn start(&mut self, name: String, at: SystemTime) {
+        if self.open.contains_key(&name) {
+            return;
+        }
+        let s = self.tracer.span_builder(name.clone()).with_start_time(at).with_attributes([KeyValue::new("musetalk.stage", name.clone())]).start_with_context(&self.tracer, &self.parent);
+        self.open.insert(name.clone(), (at, s));
+        self.current = Some(name.clone());
+        self.job.update(|s| {
+            s.stage = Some(name.clone());
+            s.progress = None;
+        });
+        self.job.emit(JobEvent::StageStart { stage: name });
+    }
+
+    fn end(&mut self, name: String, at: SystemTime) {
+        if let Some((t0, mut s)) = self.open.remove(&name) {
+            let secs = at.duration_since(t0).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            s.end_with_timestamp(at);
+            Metrics::observe_traced(&self.metrics.stage_duration, &StageLabels { mode: self.job.mode, stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
+            self.stages.push((name.clone(), secs));
+            self.job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
+        }
+    }
+
+    fn progress(&mut self, done: u64, total: Option<u64>) {
+        self.job.update(|s| s.progress = Some(Progress { done, total }));
+        self.job.emit(JobEvent::Progress { stage: self.current.clone(), done, total });
+    }
+
+    /// Ends what is still open (a crash mid-stage) and returns the stage timings.
+    fn finish(mut self) -> Vec<(String, f64)> {
+        let now = SystemTime::now();
+        let open: Vec<String> = self.open.keys().cloned().collect();
+        for name in open {
+            if let Some((_, s)) = self.open.get_mut(&name) {
+                s.set_status(opentelemetry::trace::Status::error("stage did not end: the process stopped"));
+            }
+            self.end(name, now);
+        }
+        self.stages
+    }
+}
+
+/// `queue_wait`: its own span, until `acquire` gives a run slot (or the job is cancelled).
+async fn queue_wait<T>(m: &Arc<JobManager>, job: &Job, rec: &mut Record, acquire: impl std::future::Future<Output = Result<T, StepFailure>>) -> Result<T, StepFailure> {
+    job.set_state(JobState::Queued);
+    let queue_span = tracing::info_span!(parent: &job.span(), "queue_wait", otel.name = "queue_wait", otel.status_code = tracing::field::Empty);
+    let q0 = Instant::now();
+    let got = tokio::select! {
+        r = acquire => r,
+        _ = job.cancel.cancelled() => Err(StepFailure { step: "queue_wait", message: "cancelled while queued".into(), state: JobState::Cancelled }),
+    };
+    rec.queue_seconds = q0.elapsed().as_secs_f64();
+    if let Err(e) = &got {
+        telemetry::set_error(&queue_span, e.message.clone());
+    }
+    drop(queue_span);
+    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode }).observe(rec.queue_seconds);
+    got
+}
+
+/// Marks the job running (leaves the queue count, enters the in-flight count).
+fn enter_running(m: &Arc<JobManager>, job: &Job, admission: Admission) -> RunningGuard {
+    m.running[mode_index(job.mode)].fetch_add(1, Ordering::AcqRel);
+    admission.release();
+    job.set_state(JobState::Running);
+    RunningGuard(m.clone(), mode_index(job.mode))
+}
+
+pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, work: Work, receive_seconds: f64) {
     let mut rec = Record::default();
     let span = job.span();
-    let result = run_steps(&m, &job, admission, &inputs, receive_seconds, &mut rec).instrument(span).await;
-    finish(&m, &job, &inputs, rec, result);
+    let inputs = work.inputs();
+    let result = match &work {
+        Work::Simple(inputs) => run_steps(&m, &job, admission, inputs, receive_seconds, &mut rec).instrument(span).await,
+        Work::Speak { avatar, .. } => run_speak(&m, &job, admission, avatar, &inputs, receive_seconds, &mut rec).instrument(span).await,
+        Work::Prepare { avatar } => run_prepare(&m, &job, admission, avatar, receive_seconds, &mut rec).instrument(span).await.map(|_| avatar.material_dir()),
+    };
+    if let Work::Prepare { avatar } = &work {
+        match &result {
+            Ok(_) => avatar.set_state(AvatarState::Ready, None),
+            Err(f) => avatar.set_state(AvatarState::Failed, Some(format!("{}: {}", f.step, f.message))),
+        }
+    }
+    let is_prepare = matches!(work, Work::Prepare { .. });
+    finish(&m, &job, &inputs, rec, result, !is_prepare);
+}
+
+/// Realtime `speak`: file_processing, queue_wait (an idle worker), inference,
+/// output_discovery, response_preparation.
+async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
+    record_step(m, job, rec, "file_processing", receive_seconds);
+    let engine = m.realtime.clone();
+    let cancel = job.cancel.clone();
+    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline("queue_wait", e)) }).await?;
+    let _running = enter_running(m, job, admission);
+    rec.worker = slot.worker();
+    let output = job.dir.join("result").join("output.mp4");
+    let (span, t0) = begin_step(job, "inference");
+    let req = InferRequest {
+        job_id: job.id.clone(),
+        job_dir: job.dir.clone(),
+        avatar_id: avatar.id.clone(),
+        avatar_video: avatar.video.clone(),
+        avatar_video_info: avatar.video_info.clone(),
+        material_dir: avatar.material_dir(),
+        audio: inputs.audio.clone(),
+        audio_info: inputs.audio_info.clone(),
+        output: output.clone(),
+        batch_size: inputs.batch_size,
+        traceparent: telemetry::traceparent(&span),
+    };
+    if let Some(w) = &rec.worker {
+        span.set_attribute("musetalk.worker", w.clone());
+    }
+    let mut er = EngineRecorder::new(m, job, &span);
+    let result = slot.infer(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
+    er.finish(rec);
+    drop(slot);
+    end_step(m, job, rec, "inference", span, t0, result.map_err(|e| StepFailure::from_pipeline("inference", e)))?;
+    discover_output(m, job, rec, inputs, output).await
+}
+
+/// Realtime `prepare`: file_processing, queue_wait, avatar_preparation, response_preparation.
+async fn run_prepare(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, receive_seconds: f64, rec: &mut Record) -> Result<(), StepFailure> {
+    record_step(m, job, rec, "file_processing", receive_seconds);
+    let engine = m.realtime.clone();
+    let cancel = job.cancel.clone();
+    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline("queue_wait", e)) }).await?;
+    let _running = enter_running(m, job, admission);
+    rec.worker = slot.worker();
+    let (span, t0) = begin_step(job, "avatar_preparation");
+    let req = PrepareRequest {
+        avatar_id: avatar.id.clone(),
+        video: avatar.video.clone(),
+        video_info: avatar.video_info.clone(),
+        material_dir: avatar.material_dir(),
+        bbox_shift: avatar.bbox_shift,
+        traceparent: telemetry::traceparent(&span),
+    };
+    span.set_attribute("musetalk.avatar.id", avatar.id.clone());
+    if let Some(w) = &rec.worker {
+        span.set_attribute("musetalk.worker", w.clone());
+    }
+    let mut er = EngineRecorder::new(m, job, &span);
+    let result = slot.prepare(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
+    er.finish(rec);
+    drop(slot);
+    end_step(m, job, rec, "avatar_preparation", span, t0, result.map_err(|e| StepFailure::from_pipeline("avatar_preparation", e)))
+}
+
+/// A step span and its start, for steps whose body borrows too much for [`step`].
+fn begin_step(job: &Job, name: &'static str) -> (tracing::Span, Instant) {
+    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
+    job.emit(JobEvent::StepStart { step: name.into() });
+    (span, Instant::now())
+}
+
+fn end_step<T>(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, span: tracing::Span, t0: Instant, result: Result<T, StepFailure>) -> Result<T, StepFailure> {
+    if let Err(e) = &result {
+        telemetry::set_error(&span, e.message.clone());
+    }
+    drop(span);
+    record_step(m, job, rec, name, t0.elapsed().as_secs_f64());
+    result
+}
+
+/// Receives an engine's events: stages, progress, and the process doing the work
+/// (registered with the collector for the job's resource window).
+struct EngineRecorder<'a> {
+    stages: StageRecorder<'a>,
+    span: tracing::Span,
+    collector: crate::collector::CollectorHandle,
+    mode: &'static str,
+    guard: Option<crate::collector::TreeGuard>,
+    started: Instant,
+}
+
+impl<'a> EngineRecorder<'a> {
+    fn new(m: &Arc<JobManager>, job: &'a Job, span: &tracing::Span) -> Self {
+        EngineRecorder { stages: StageRecorder::new(job, m.metrics.clone(), span), span: span.clone(), collector: m.collector.clone(), mode: job.mode, guard: None, started: Instant::now() }
+    }
+
+    fn on(&mut self, ev: EngineEvent) {
+        match ev {
+            EngineEvent::StageStart { name, at } => self.stages.start(name, at),
+            EngineEvent::StageEnd { name, at } => self.stages.end(name, at),
+            EngineEvent::Progress { done, total } => self.stages.progress(done, total),
+            EngineEvent::Process { pid, shared } => {
+                self.span.set_attribute("process.pid", pid as i64);
+                if self.guard.is_none() {
+                    // A shared worker is already counted in the pipeline gauges by its
+                    // pool: register it again only for this job's resource window.
+                    let mode = if shared { crate::collector::WINDOW_ONLY } else { self.mode };
+                    self.guard = Some(self.collector.register_tree(pid, mode));
+                }
+            }
+        }
+    }
+
+    fn finish(self, rec: &mut Record) {
+        rec.stages = self.stages.finish();
+        rec.exec_window = Some((self.started, Instant::now()));
+        rec.tree_key = self.guard.as_ref().map(|g| g.key());
+    }
+}
+
+/// `output_discovery`: the file exists and ffprobe says it is a video.
+async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &Inputs, path: PathBuf) -> Result<PathBuf, StepFailure> {
+    step(m, job, rec, "output_discovery", async |span, rec| {
+        let path = pipeline::require_output(&path).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
+        probe_output(m, span, rec, inputs, path).await
+    })
+    .await
+}
+
+async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Record, inputs: &Inputs, path: PathBuf) -> Result<PathBuf, StepFailure> {
+    let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
+    rec.output_bytes = Some(size);
+    span.set_attribute("musetalk.output.bytes", size as i64);
+    let input = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
+    if input > 0 {
+        span.set_attribute("musetalk.output.input_ratio", size as f64 / input as f64);
+    }
+    match pipeline::media::probe(&m.config.ffprobe, &path).await {
+        Ok(info) if info.has_video => {
+            rec.output_seconds = Some(info.duration_secs);
+            span.set_attribute("musetalk.output.seconds", info.duration_secs);
+            Ok(path)
+        }
+        Ok(_) => Err(StepFailure { step: "output_discovery", message: format!("{} has no video stream", path.display()), state: JobState::Failed }),
+        Err(e) => Err(StepFailure { step: "output_discovery", message: format!("the output is not a playable video: {e}"), state: JobState::Failed }),
+    }
 }
 
 async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
     // file_processing ran in the request (its span is made by `file_processing_span`); record its time.
     record_step(m, job, rec, "file_processing", receive_seconds);
 
-    // queue_wait: its own span, until a run slot is ours (or the job is cancelled).
-    job.set_state(JobState::Queued);
-    let queue_span = tracing::info_span!(parent: &job.span(), "queue_wait", otel.name = "queue_wait");
-    let q0 = Instant::now();
-    let permit = tokio::select! {
-        p = m.slots.clone().acquire_owned() => p.map_err(|_| StepFailure { step: "queue_wait", message: "the service is shutting down".into(), state: JobState::Cancelled })?,
-        _ = job.cancel.cancelled() => {
-            return Err(StepFailure { step: "queue_wait", message: "cancelled while queued".into(), state: JobState::Cancelled });
-        }
-    };
-    rec.queue_seconds = q0.elapsed().as_secs_f64();
-    drop(queue_span);
-    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode }).observe(rec.queue_seconds);
-    m.running.fetch_add(1, Ordering::AcqRel);
-    admission.release();
-    job.set_state(JobState::Running);
-    let _running = RunningGuard(m.clone());
+    let slots = m.slots.clone();
+    let permit = queue_wait(m, job, rec, async {
+        slots.acquire_owned().await.map_err(|_| StepFailure { step: "queue_wait", message: "the service is shutting down".into(), state: JobState::Cancelled })
+    })
+    .await?;
+    let _running = enter_running(m, job, admission);
     let _permit = permit;
 
     let pjob = JobInput {
@@ -141,31 +371,16 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
 
     let output = step(m, job, rec, "output_discovery", async |span, rec| {
         let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
-        let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
-        rec.output_bytes = Some(size);
-        span.set_attribute("musetalk.output.bytes", size as i64);
-        let input = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
-        if input > 0 {
-            span.set_attribute("musetalk.output.input_ratio", size as f64 / input as f64);
-        }
-        match pipeline::media::probe(&m.config.ffprobe, &path).await {
-            Ok(info) if info.has_video => {
-                rec.output_seconds = Some(info.duration_secs);
-                span.set_attribute("musetalk.output.seconds", info.duration_secs);
-                Ok(path)
-            }
-            Ok(_) => Err(StepFailure { step: "output_discovery", message: format!("{} has no video stream", path.display()), state: JobState::Failed }),
-            Err(e) => Err(StepFailure { step: "output_discovery", message: format!("the output is not a playable video: {e}"), state: JobState::Failed }),
-        }
+        probe_output(m, span, rec, inputs, path).await
     })
     .await?;
     Ok(output)
 }
 
-struct RunningGuard(Arc<JobManager>);
+struct RunningGuard(Arc<JobManager>, usize);
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.running[self.1].fetch_sub(1, Ordering::AcqRel);
         self.0.publish_queue();
     }
 }
@@ -184,42 +399,15 @@ async fn execute(
     span.set_attribute("process.command_line", rec.command.clone());
     let opts = RunOptions { timeout: m.config.job_timeout, kill_grace: m.config.kill_grace, cancel: job.cancel.clone(), traceparent: telemetry::traceparent(span) };
     let mut parser = m.backend.stage_parser(pjob);
-    let tracer = opentelemetry::global::tracer(telemetry::SCOPE);
-    let parent_cx = span.context();
-    let mut open: HashMap<String, (Instant, opentelemetry::global::BoxedSpan)> = HashMap::new();
-    let clock = Clock::now();
-    let mut stages: Vec<(String, f64)> = Vec::new();
-    let mut current_stage: Option<String> = None;
+    let mut stages = StageRecorder::new(job, m.metrics.clone(), span);
+    let clock = pipeline::Clock::now();
     let mut guard = None;
     let collector = m.collector.clone();
-    let metrics = m.metrics.clone();
     let mode = job.mode;
-    let trace_id = job.trace_id.clone();
-
     let mut handle = |ev: StageEvent| match ev {
-        StageEvent::Start { name, at } => {
-            let s = tracer.span_builder(name.clone()).with_start_time(clock.to_system(at)).with_attributes([KeyValue::new("musetalk.stage", name.clone())]).start_with_context(&tracer, &parent_cx);
-            open.insert(name.clone(), (at, s));
-            current_stage = Some(name.clone());
-            job.update(|s| {
-                s.stage = Some(name.clone());
-                s.progress = None;
-            });
-            job.emit(JobEvent::StageStart { stage: name });
-        }
-        StageEvent::End { name, at } => {
-            if let Some((t0, mut s)) = open.remove(&name) {
-                let secs = at.saturating_duration_since(t0).as_secs_f64();
-                s.end_with_timestamp(clock.to_system(at));
-                Metrics::observe_traced(&metrics.stage_duration, &StageLabels { mode, stage: pipeline::stages::stage_label(&name) }, secs, &trace_id);
-                stages.push((name.clone(), secs));
-                job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
-            }
-        }
-        StageEvent::Progress { done, total } => {
-            job.update(|s| s.progress = Some(Progress { done, total }));
-            job.emit(JobEvent::Progress { stage: current_stage.clone(), done, total });
-        }
+        StageEvent::Start { name, at } => stages.start(name, clock.to_system(at)),
+        StageEvent::End { name, at } => stages.end(name, clock.to_system(at)),
+        StageEvent::Progress { done, total } => stages.progress(done, total),
     };
 
     let started = Instant::now();
@@ -249,7 +437,7 @@ async fn execute(
         handle(ev);
     }
     drop(handle);
-    rec.stages = stages;
+    rec.stages = stages.finish();
     rec.exec_window = Some((started, ended));
     rec.tree_key = guard.as_ref().map(|g| g.key());
     drop(guard);
@@ -270,14 +458,16 @@ async fn execute(
 
 /// Builds the report, sets the final state, records the job metrics. Runs for every
 /// job, whatever happened, as `response_preparation`.
-fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>) {
+fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
     let t0 = Instant::now();
     let span = tracing::info_span!(parent: &job.span(), "step", otel.name = "response_preparation", musetalk.step = "response_preparation");
     let (state, error) = match &result {
         Ok(_) => (JobState::Succeeded, None),
         Err(f) => (f.state, Some(ErrorInfo { step: f.step.to_string(), message: f.message.clone() })),
     };
-    if let Ok(p) = &result {
+    if let Ok(p) = &result
+        && has_output
+    {
         *job.output.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
     }
     // Resource window: the whole job for host figures, the execution step for its tree.
@@ -293,7 +483,8 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
     let steps = report::timings(&rec.steps, total);
-    let exec_secs = rec.steps.iter().find(|(n, _)| n == "subprocess_execution").map(|(_, s)| *s).unwrap_or(0.0);
+    // Stage shares are of the step that ran them (subprocess_execution, inference, avatar_preparation).
+    let exec_secs = rec.exec_window.map(|(a, b)| b.duration_since(a).as_secs_f64()).unwrap_or(0.0);
     let stages = report::timings(&rec.stages, exec_secs);
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
@@ -312,6 +503,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
         bottleneck: report::bottleneck(&steps, &stages),
         steps,
         stages,
+        worker: rec.worker.clone(),
         subprocess: rec.outcome.as_ref().map(|o| Subprocess {
             pid: o.pid,
             exit_code: o.code,

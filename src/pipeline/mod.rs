@@ -12,7 +12,9 @@ pub mod media;
 pub mod musetalk;
 pub mod preview;
 pub mod process;
+pub mod realtime;
 pub mod stages;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,6 +94,22 @@ pub fn build(config: &Config) -> Arc<dyn Backend> {
         BackendKind::Preview => Arc::new(preview::Preview::new(config)),
         BackendKind::Musetalk => Arc::new(musetalk::MuseTalk::new(config)),
         BackendKind::Command => Arc::new(command::CommandBackend::new(config)),
+    }
+}
+
+/// Maps monotonic instants to wall-clock time against one anchor, so instants that
+/// are equal (lines read in one chunk) or ordered stay so on exported spans.
+pub struct Clock {
+    sys: std::time::SystemTime,
+    mono: std::time::Instant,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Clock { sys: std::time::SystemTime::now(), mono: std::time::Instant::now() }
+    }
+    pub fn to_system(&self, at: std::time::Instant) -> std::time::SystemTime {
+        if at >= self.mono { self.sys + (at - self.mono) } else { self.sys - (self.mono - at) }
     }
 }
 

@@ -27,7 +27,8 @@ impl Preview {
         Preview { ffmpeg: config.ffmpeg.clone(), ffprobe: config.ffprobe.clone(), env: config.pipeline_env_pairs() }
     }
 
-    fn output(job: &JobInput) -> PathBuf {
+    /// Where the preview render lands inside the job dir.
+    pub fn output_path(job: &JobInput) -> PathBuf {
         job.result_dir().join("preview.mp4")
     }
 }
@@ -85,7 +86,7 @@ impl Backend for Preview {
             .iter()
             .map(|s| s.to_string()),
         )
-        .chain([Self::output(job).display().to_string()])
+        .chain([Self::output_path(job).display().to_string()])
         .collect();
         Ok(Invocation { program: self.ffmpeg.display().to_string(), args, cwd: job.dir.clone(), env: self.env.clone() })
     }
@@ -98,6 +99,6 @@ impl Backend for Preview {
     fn discover(&self, job: &JobInput, outcome: &ProcessOutcome, _: &dyn StageParser) -> Result<PathBuf, PipelineError> {
         super::require_clean_exit(outcome)?;
         let _ = &self.ffprobe;
-        super::require_output(&Self::output(job))
+        super::require_output(&Self::output_path(job))
     }
 }

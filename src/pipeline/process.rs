@@ -22,6 +22,14 @@ const INHERITED_PREFIXES: &[&str] = &["CUDA_", "NVIDIA_"];
 /// Lines kept per stream for error details.
 const TAIL_LINES: usize = 40;
 
+/// The part of the sidecar's environment a pipeline or worker process inherits.
+pub fn inherited_env() -> Vec<(String, std::ffi::OsString)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
+        .filter(|(k, _)| INHERITED_ENV.contains(&k.as_str()) || INHERITED_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .collect()
+}
+
 /// What to run: argv, working directory, extra environment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Invocation {
@@ -116,10 +124,8 @@ pub async fn run(inv: &Invocation, opts: &RunOptions, on_spawn: OnSpawn<'_>, on_
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    for (k, v) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
-        if INHERITED_ENV.contains(&k.as_str()) || INHERITED_PREFIXES.iter().any(|p| k.starts_with(p)) {
-            cmd.env(k, v);
-        }
+    for (k, v) in inherited_env() {
+        cmd.env(k, v);
     }
     cmd.env("PYTHONUNBUFFERED", "1");
     if let Some(tp) = &opts.traceparent {

@@ -1,0 +1,204 @@
+//! Realtime routes: `/v1/avatars` (prepare, list, show, delete) and `/v1/avatars/{id}/speak`.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use super::jobs::{AUDIO_EXTS, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field};
+use super::{ApiError, AppState};
+use crate::jobs::avatars::AvatarError;
+use crate::jobs::{Job, MODE_REALTIME, Work};
+use crate::telemetry;
+
+impl From<AvatarError> for ApiError {
+    fn from(e: AvatarError) -> Self {
+        let code = match e {
+            AvatarError::Exists(_) => "avatar_exists",
+            AvatarError::NotFound(_) => return ApiError::not_found("avatar_not_found", e.to_string()),
+            AvatarError::Preparing(_) => "avatar_preparing",
+            AvatarError::Failed { .. } => "avatar_failed",
+        };
+        ApiError::new(StatusCode::CONFLICT, code, e.to_string())
+    }
+}
+
+fn not_multipart(e: MultipartRejection, parts: &str) -> ApiError {
+    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with {parts} ({e})"))
+}
+
+/// `avatar_id`: 1–64 of `[A-Za-z0-9_-]` (it names a directory).
+pub(super) fn valid_avatar_id(v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(ApiError::bad_request("invalid_avatar_id", "avatar_id must be 1–64 characters of A–Z, a–z, 0–9, `_` or `-`"));
+    }
+    Ok(())
+}
+
+fn realtime_enabled(st: &AppState) -> Result<(), ApiError> {
+    if st.jobs.realtime.enabled() {
+        return Ok(());
+    }
+    let why = st.jobs.realtime.readiness().err().unwrap_or_default();
+    Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "realtime_unavailable", why))
+}
+
+fn admit(st: &AppState) -> Result<crate::jobs::Admission, ApiError> {
+    st.jobs.admit(MODE_REALTIME).map_err(|e| {
+        let retry = st.jobs.retry_after_secs();
+        ApiError::from(e).with_retry_after(retry)
+    })
+}
+
+/// A rejected upload: the span says why, the job (never work) and its files go.
+fn reject(st: &AppState, job: &Job, span: &tracing::Span, e: ApiError) -> ApiError {
+    telemetry::set_error(span, e.detail.clone());
+    telemetry::set_error(&job.span(), e.detail.clone());
+    st.jobs.discard(job);
+    e
+}
+
+/// `POST /v1/avatars`: multipart `video`, `avatar_id`, optional `bbox_shift`. Answers
+/// `202` with `Location` of the preparation job (its progress, events and report).
+pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+    let mut multipart = multipart.map_err(|e| not_multipart(e, "`video` and `avatar_id` parts"))?;
+    realtime_enabled(&st)?;
+    let admission = admit(&st)?;
+    let job = st.jobs.create(MODE_REALTIME)?;
+    let span = job.file_processing_span();
+    let t0 = Instant::now();
+    let received = async {
+        let (mut video, mut id, mut bbox) = (None, None, None);
+        while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
+            let name = field.name().unwrap_or_default().to_string();
+            let dup = |present: bool| if present { Err(ApiError::bad_request("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
+            match name.as_str() {
+                "video" => {
+                    dup(video.is_some())?;
+                    video = Some(save_part(&st, &job, field, "video", VIDEO_EXTS, "mp4").await?);
+                }
+                "avatar_id" => {
+                    dup(id.is_some())?;
+                    let v = text_field(field).await?;
+                    valid_avatar_id(&v)?;
+                    id = Some(v);
+                }
+                "bbox_shift" => {
+                    dup(bbox.is_some())?;
+                    let v = text_field(field).await?;
+                    bbox = Some(v.trim().parse::<i32>().ok().filter(|n| (-200..=200).contains(n)).ok_or_else(|| ApiError::bad_request("invalid_bbox_shift", format!("bbox_shift must be an integer from -200 to 200, got `{v}`")))?);
+                }
+                _ => return Err(ApiError::bad_request("unknown_part", format!("unexpected part `{name}`; expected video, avatar_id, bbox_shift"))),
+            }
+        }
+        let id = id.ok_or_else(|| ApiError::bad_request("missing_part", "the `avatar_id` part is required"))?;
+        let (video, bytes) = video.ok_or_else(|| ApiError::bad_request("missing_part", "the `video` part is required"))?;
+        if bytes == 0 {
+            return Err(ApiError::bad_request("empty_file", "the `video` part is empty"));
+        }
+        let info = probe_part(&st, "video", &video).await?;
+        if !info.has_video {
+            return Err(ApiError::bad_request("invalid_video", "the `video` part has no video stream"));
+        }
+        Ok((id, video, info, bbox))
+    }
+    .instrument(span.clone())
+    .await;
+    let (id, upload, info, bbox) = match received {
+        Ok(r) => r,
+        Err(e) => return Err(reject(&st, &job, &span, e)),
+    };
+    if let Err(e) = st.jobs.avatars.reserve(&id) {
+        return Err(reject(&st, &job, &span, e.into()));
+    }
+    // The avatar's home: data/avatars/{id}/source.{ext} (+ material/ from the engine).
+    let dir = st.config.data_dir.join("avatars").join(&id);
+    let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
+    let source = dir.join(format!("source.{ext}"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&upload, &source)) {
+        st.jobs.avatars.unreserve(&id);
+        return Err(reject(&st, &job, &span, storage_error(e, "storing the avatar video")));
+    }
+    span.record("musetalk.input.video.bytes", info.size_bytes as i64);
+    span.record("musetalk.input.video.seconds", info.duration_secs);
+    drop(span);
+    let avatar = st.jobs.avatars.insert(&id, dir, source, info, bbox, job.id.clone());
+    st.jobs.start(job.clone(), admission, Work::Prepare { avatar: avatar.clone() }, t0.elapsed().as_secs_f64());
+    let body = serde_json::json!({ "avatar": avatar.info(), "job_id": job.id, "trace_id": job.trace_id });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
+}
+
+/// `GET /v1/avatars`.
+pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::avatars::AvatarInfo>> {
+    Json(st.jobs.avatars.list())
+}
+
+/// `GET /v1/avatars/{id}`.
+pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<crate::jobs::avatars::AvatarInfo>, ApiError> {
+    Ok(Json(st.jobs.avatars.get(&id)?.info()))
+}
+
+/// `DELETE /v1/avatars/{id}`: refused (409) while it is being prepared.
+pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    st.jobs.avatars.remove(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/avatars/{id}/speak`: multipart `audio`, optional `batch_size`. The same
+/// answer as `/v1/inference` (sync, or `202` with `Prefer: respond-async`).
+pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+    let mut multipart = multipart.map_err(|e| not_multipart(e, "an `audio` part"))?;
+    realtime_enabled(&st)?;
+    let avatar = st.jobs.avatars.ready(&id)?;
+    let admission = admit(&st)?;
+    let job = st.jobs.create(MODE_REALTIME)?;
+    let span = job.file_processing_span();
+    let t0 = Instant::now();
+    let received = async {
+        let (mut audio, mut batch) = (None, None);
+        while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
+            let name = field.name().unwrap_or_default().to_string();
+            let dup = |present: bool| if present { Err(ApiError::bad_request("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
+            match name.as_str() {
+                "audio" => {
+                    dup(audio.is_some())?;
+                    audio = Some(save_part(&st, &job, field, "audio", AUDIO_EXTS, "wav").await?);
+                }
+                "batch_size" => {
+                    dup(batch.is_some())?;
+                    let v = text_field(field).await?;
+                    batch = Some(v.trim().parse::<u32>().ok().filter(|n| (1..=256).contains(n)).ok_or_else(|| ApiError::bad_request("invalid_batch_size", format!("batch_size must be an integer from 1 to 256, got `{v}`")))?);
+                }
+                _ => return Err(ApiError::bad_request("unknown_part", format!("unexpected part `{name}`; expected audio, batch_size"))),
+            }
+        }
+        let (audio, bytes) = audio.ok_or_else(|| ApiError::bad_request("missing_part", "the `audio` part is required"))?;
+        if bytes == 0 {
+            return Err(ApiError::bad_request("empty_file", "the `audio` part is empty"));
+        }
+        let info = probe_part(&st, "audio", &audio).await?;
+        if !info.has_audio || info.duration_secs <= 0.0 {
+            return Err(ApiError::bad_request("invalid_audio", "the `audio` part has no audio stream (or no duration)"));
+        }
+        Ok((audio, info, batch))
+    }
+    .instrument(span.clone())
+    .await;
+    let (audio, audio_info, batch_size) = match received {
+        Ok(r) => r,
+        Err(e) => return Err(reject(&st, &job, &span, e)),
+    };
+    span.record("musetalk.input.audio.bytes", audio_info.size_bytes as i64);
+    span.record("musetalk.input.audio.seconds", audio_info.duration_secs);
+    drop(span);
+    st.jobs.start(job.clone(), admission, Work::Speak { avatar, audio, audio_info, batch_size }, t0.elapsed().as_secs_f64());
+    if prefers_async(&headers) {
+        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job.status())).into_response());
+    }
+    job.finished().await;
+    Ok(finished_response(&job))
+}
