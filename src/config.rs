@@ -196,6 +196,11 @@ pub struct Config {
     #[arg(long, env = "MUSETALK_SIDECAR_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 
+    /// An upload (all parts of one request) must arrive within this long, or it is refused (408) and its place in the queue freed.
+    #[arg(long, env = "MUSETALK_SIDECAR_UPLOAD_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub upload_timeout: Duration,
+
     /// On SIGTERM, running jobs get this long to finish before they are cancelled.
     #[arg(long, env = "MUSETALK_SIDECAR_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]

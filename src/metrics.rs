@@ -221,6 +221,21 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// Encodes the span exporter's counters (kept in `telemetry`, which starts before the registry).
+#[derive(Debug, Default)]
+struct TelemetryCollector;
+
+impl Collector for TelemetryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (exported, dropped) = crate::telemetry::export_stats();
+        let c = ConstCounter::new(exported);
+        c.encode(encoder.encode_descriptor("musetalk_telemetry_spans_exported", "Spans the OTLP exporter delivered.", None, c.metric_type())?)?;
+        let c = ConstCounter::new(dropped);
+        c.encode(encoder.encode_descriptor("musetalk_telemetry_spans_dropped", "Spans lost because the OTLP export failed or timed out (collector down or slow).", None, c.metric_type())?)?;
+        Ok(())
+    }
+}
+
 /// All metric families. Cheap to share (`Arc<Metrics>`); every handle is internally synchronised.
 pub struct Metrics {
     registry: Registry,
@@ -342,6 +357,7 @@ impl Metrics {
             Info::new(VersionLabels { version: env!("CARGO_PKG_VERSION") }),
         );
         r.register_collector(Box::new(ProcessCollector { latest: m.self_process.clone() }));
+        r.register_collector(Box::new(TelemetryCollector));
         Metrics { registry: r, ..m }
     }
 

@@ -7,6 +7,10 @@
 //! request latency or unbounded memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -33,6 +37,62 @@ pub enum TelemetryError {
     Exporter { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
     #[error("installing the tracing subscriber: {0}")]
     Subscriber(String),
+}
+
+/// What the exporter did, process-wide: published on `/metrics` by `metrics.rs`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub spans_exported: AtomicU64,
+    pub spans_dropped: AtomicU64,
+}
+
+static EXPORT_STATS: ExportStats = ExportStats { spans_exported: AtomicU64::new(0), spans_dropped: AtomicU64::new(0) };
+
+/// Spans exported and dropped (export failed or timed out) since start.
+pub fn export_stats() -> (u64, u64) {
+    (EXPORT_STATS.spans_exported.load(Ordering::Relaxed), EXPORT_STATS.spans_dropped.load(Ordering::Relaxed))
+}
+
+/// Wraps the OTLP exporter: counts what is exported and dropped, and logs the collector
+/// going away once (and coming back once), instead of an error per batch.
+#[derive(Debug)]
+struct Counting<E> {
+    inner: E,
+    failing: AtomicBool,
+}
+
+impl<E: SpanExporter> SpanExporter for Counting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let r = self.inner.export(batch).await;
+        match &r {
+            Ok(()) => {
+                EXPORT_STATS.spans_exported.fetch_add(n, Ordering::Relaxed);
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("OTLP span export recovered");
+                }
+            }
+            Err(e) => {
+                EXPORT_STATS.spans_dropped.fetch_add(n, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("OTLP span export failing ({e}); spans are dropped (counted in musetalk_telemetry_spans_dropped_total) until the collector answers again");
+                }
+            }
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes pending spans.
@@ -90,6 +150,10 @@ fn resource() -> Resource {
     b.with_attribute(KeyValue::new("host.arch", std::env::consts::ARCH)).with_attribute(KeyValue::new("os.type", std::env::consts::OS)).build()
 }
 
+fn counting<E>(inner: E) -> Counting<E> {
+    Counting { inner, failing: AtomicBool::new(false) }
+}
+
 /// Builds the tracer provider: always sampling per `OTEL_TRACES_SAMPLER` (the SDK reads
 /// it), exporting over OTLP when configured.
 pub fn tracer_provider(config: &Config) -> Result<(SdkTracerProvider, bool), TelemetryError> {
@@ -98,14 +162,14 @@ pub fn tracer_provider(config: &Config) -> Result<(SdkTracerProvider, bool), Tel
     if let Some((protocol, endpoint)) = &target {
         let shown = endpoint.clone().unwrap_or_else(|| "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into());
         let err = |source| TelemetryError::Exporter { endpoint: shown.clone(), source };
-        let exporter = match protocol {
+        let exporter: Counting<opentelemetry_otlp::SpanExporter> = match protocol {
             OtlpProtocol::Grpc => {
                 let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
                 let b = match endpoint {
                     Some(e) => b.with_endpoint(e.clone()),
                     None => b,
                 };
-                b.build().map_err(err)?
+                counting(b.build().map_err(err)?)
             }
             OtlpProtocol::HttpProtobuf => {
                 let b = opentelemetry_otlp::SpanExporter::builder().with_http().with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
@@ -113,7 +177,7 @@ pub fn tracer_provider(config: &Config) -> Result<(SdkTracerProvider, bool), Tel
                     Some(e) => b.with_endpoint(e.clone()),
                     None => b,
                 };
-                b.build().map_err(err)?
+                counting(b.build().map_err(err)?)
             }
         };
         // The batch processor's queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048) bounds memory

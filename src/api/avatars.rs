@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::jobs::{AUDIO_EXTS, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field};
+use super::jobs::{AUDIO_EXTS, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field, within_upload_timeout};
 use super::{ApiError, AppState};
 use crate::jobs::avatars::AvatarError;
 use crate::jobs::{Job, MODE_REALTIME, Work};
@@ -71,7 +71,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     let job = st.jobs.create(MODE_REALTIME)?;
     let span = job.file_processing_span();
     let t0 = Instant::now();
-    let received = async {
+    let received = within_upload_timeout(&st, async {
         let (mut video, mut id, mut bbox) = (None, None, None);
         while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
             let name = field.name().unwrap_or_default().to_string();
@@ -105,7 +105,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
             return Err(ApiError::bad_request("invalid_video", "the `video` part has no video stream"));
         }
         Ok((id, video, info, bbox))
-    }
+    })
     .instrument(span.clone())
     .await;
     let (id, upload, info, bbox) = match received {
@@ -158,7 +158,7 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
     let job = st.jobs.create(MODE_REALTIME)?;
     let span = job.file_processing_span();
     let t0 = Instant::now();
-    let received = async {
+    let received = within_upload_timeout(&st, async {
         let (mut audio, mut batch) = (None, None);
         while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
             let name = field.name().unwrap_or_default().to_string();
@@ -185,7 +185,7 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
             return Err(ApiError::bad_request("invalid_audio", "the `audio` part has no audio stream (or no duration)"));
         }
         Ok((audio, info, batch))
-    }
+    })
     .instrument(span.clone())
     .await;
     let (audio, audio_info, batch_size) = match received {

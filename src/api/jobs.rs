@@ -101,7 +101,7 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
     let job = st.jobs.create(MODE_SIMPLE)?;
     let span = job.file_processing_span();
     let t0 = Instant::now();
-    let received = receive(&st, &job, &mut multipart).instrument(span.clone()).await;
+    let received = within_upload_timeout(&st, receive(&st, &job, &mut multipart)).instrument(span.clone()).await;
     let inputs = match received {
         Ok(i) => i,
         Err(e) => {
@@ -127,6 +127,15 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
     }
     job.finished().await;
     Ok(finished_response(&job))
+}
+
+/// Bounds how long a client may take to send its parts (a slow client must not hold a
+/// queue place forever).
+pub(super) async fn within_upload_timeout<T>(st: &AppState, fut: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+    let limit = st.config.upload_timeout;
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_timeout", format!("the upload did not complete within {} (--upload-timeout)", humantime::format_duration(limit)))))
 }
 
 /// `Prefer: respond-async` (RFC 7240).
