@@ -57,6 +57,10 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
     let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.handle());
     let jobs = jobs::JobManager::new(config.clone(), backend.clone(), realtime.clone(), metrics.clone(), collector.handle());
+    let orphans = pipeline::groups::init(&config.data_dir.join("run").join("groups"));
+    if orphans > 0 {
+        tracing::warn!(groups = orphans, "killed pipeline processes left by an earlier run");
+    }
     let stale = jobs.clean_stale_dirs();
     if stale > 0 {
         tracing::info!(dirs = stale, "removed job directories left by an earlier run");

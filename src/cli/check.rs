@@ -360,7 +360,9 @@ fn data_dir(dir: &Path) -> Outcome {
     let state = if existing == dir { format!("{} is writable", dir.display()) } else { format!("{} will be created in {} (writable)", dir.display(), existing.display()) };
     match nix::sys::statvfs::statvfs(&existing) {
         Ok(s) => {
-            let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+            // fsblkcnt_t/c_ulong are u64 here but u32 on 32-bit targets.
+            #[allow(clippy::useless_conversion)]
+            let free = u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()));
             if free < LOW_SPACE {
                 warn(name, format!("{state}, only {} free", human_bytes(free)), format!("free space or set --data-dir to a larger volume: uploads and outputs of kept jobs live there (at least {} recommended)", human_bytes(LOW_SPACE)))
             } else {

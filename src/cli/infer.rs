@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -126,20 +127,33 @@ async fn run(args: InferArgs) -> Result<ExitCode, CliError> {
     let (id, trace_id) = submit(&client, &args, video_bytes + audio_bytes, &ui).await?;
     ui.line(&format!("job {id} accepted (trace {trace_id})"));
 
-    // From here on the job runs on the service: Ctrl-C cancels it there.
-    let followed = tokio::select! {
-        r = follow(&client, &id, &ui) => r,
+    // From here on the job runs on the service: Ctrl-C cancels it there (once it has
+    // ended, Ctrl-C only stops the download).
+    let ended = AtomicBool::new(false);
+    let result = tokio::select! {
+        r = finish(&client, &args, &id, &trace_id, &out, &ui, &ended) => r,
         _ = tokio::signal::ctrl_c() => {
             ui.clear();
+            let _ = std::fs::remove_file(partial_path(&out));
+            if ended.load(Ordering::Acquire) {
+                return Err(CliError { code: 130, message: format!("interrupted: job {id} has ended, but its video was not saved (`musetalk-sidecar report {id}` shows its report)") });
+            }
             let _ = client.send(client.delete(&format!("/v1/jobs/{id}")).timeout(Duration::from_secs(15))).await;
             return Err(CliError { code: 130, message: format!("interrupted: job {id} was cancelled on the service") });
         }
     };
-    let (state, error) = followed.inspect_err(|_| ui.clear())?;
+    ui.clear();
+    result
+}
+
+/// Follows the job to its end, saves the video, prints the report.
+async fn finish(client: &Client, args: &InferArgs, id: &str, trace_id: &str, out: &Path, ui: &Ui, ended: &AtomicBool) -> Result<ExitCode, CliError> {
+    let (state, error) = follow(client, id, ui).await?;
+    ended.store(true, Ordering::Release);
     ui.clear();
 
-    let saved = if state == "succeeded" { Some(download(&client, &id, &out, args.force, &ui).await) } else { None };
-    let fetched = report::fetch(&client, &id, args.json).await?;
+    let saved = if state == "succeeded" { Some(download(client, id, out, args.force, ui).await) } else { None };
+    let fetched = report::fetch(client, id, args.json).await?;
     fetched.print()?;
     match saved {
         Some(Ok(bytes)) => {
@@ -152,6 +166,12 @@ async fn run(args: InferArgs) -> Result<ExitCode, CliError> {
             Err(CliError::failed(format!("job {id} {}: {why} (trace {trace_id}; the report above has the details)", state.replace('_', " "))))
         }
     }
+}
+
+/// The download's temporary name, beside `out` (hidden, per process).
+fn partial_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output.mp4".into());
+    out.with_file_name(format!(".{name}.{}.part", std::process::id()))
 }
 
 /// Uploads both files (streamed from disk, counting bytes for the bar) and submits
@@ -310,8 +330,7 @@ async fn download(client: &Client, id: &str, out: &Path, force: bool, ui: &Ui) -
     if !resp.status().is_success() {
         return Err(client.error_for(resp, Some(id)).await);
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output.mp4".into());
-    let partial = out.with_file_name(format!(".{name}.{}.part", std::process::id()));
+    let partial = partial_path(out);
     let result = async {
         let mut file = tokio::fs::File::create(&partial).await.map_err(|e| CliError::usage(format!("cannot write {}: {e} (choose a writable --out)", partial.display())))?;
         ui.start_bytes("download", resp.content_length().unwrap_or(0));

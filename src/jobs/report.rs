@@ -108,8 +108,8 @@ fn bar(percent: f64, width: usize) -> String {
 
 fn avg_peak(label: &str, v: &Option<AvgPeak>, fmt: impl Fn(f64) -> String) -> String {
     match v {
-        Some(v) => format!("  {label:<22} avg {:>10}   peak {:>10}\n", fmt(v.avg), fmt(v.peak)),
-        None => format!("  {label:<22} not sampled\n"),
+        Some(v) => format!("  {label:<26} avg {:>10}   peak {:>10}\n", fmt(v.avg), fmt(v.peak)),
+        None => format!("  {label:<26} not sampled\n"),
     }
 }
 
@@ -127,12 +127,12 @@ impl Report {
         }
         s.push_str(&format!("\nStarted: {}\nTotal: {:.3} s (queue {:.3} s)\n\nSteps\n", self.created_at, self.total_seconds, self.queue_seconds));
         for t in &self.steps {
-            s.push_str(&format!("  {:<22} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+            s.push_str(&format!("  {:<26} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
         }
         if !self.stages.is_empty() {
             s.push_str("\nStages (share of execution)\n");
             for t in &self.stages {
-                s.push_str(&format!("  {:<22} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+                s.push_str(&format!("  {:<26} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
             }
         }
         if let Some(b) = &self.bottleneck {
@@ -154,10 +154,10 @@ impl Report {
             s.push_str(&format!("\nSubprocess\n  pid {}, {status}, {:.3} s ({:.1}% of total)\n  {}\n", p.pid, p.seconds, p.percent, p.command));
         }
         s.push_str("\nFiles\n");
-        s.push_str(&format!("  {:<22} {}\n  {:<22} {}\n", "input video", bytes(self.files.video_bytes), "input audio", bytes(self.files.audio_bytes)));
+        s.push_str(&format!("  {:<26} {}\n  {:<26} {}\n", "input video", bytes(self.files.video_bytes), "input audio", bytes(self.files.audio_bytes)));
         match (self.files.output_bytes, self.files.output_input_ratio) {
-            (Some(o), Some(r)) => s.push_str(&format!("  {:<22} {} (output/input {:.2})\n", "output video", bytes(o), r)),
-            _ => s.push_str(&format!("  {:<22} none\n", "output video")),
+            (Some(o), Some(r)) => s.push_str(&format!("  {:<26} {} (output/input {:.2})\n", "output video", bytes(o), r)),
+            _ => s.push_str(&format!("  {:<26} none\n", "output video")),
         }
         s.push_str(&format!("\nMedia\n  audio {:.2} s, video {:.2} s", self.media.audio_seconds, self.media.video_seconds));
         if let Some(o) = self.media.output_seconds {
@@ -179,7 +179,7 @@ impl Report {
             }
         }
         if r.gpus.is_empty() {
-            s.push_str("  GPU                    no data (no NVIDIA GPU/NVML on this host)\n");
+            s.push_str("  GPU                        no data (no NVIDIA GPU/NVML on this host)\n");
         }
         for g in &r.gpus {
             s.push_str(&avg_peak(&format!("GPU {} utilization", g.index), &g.utilization, |v| format!("{:.1}%", v * 100.0)));

@@ -7,6 +7,7 @@
 //! never branches on the backend kind. This module knows nothing of HTTP or jobs.
 
 pub mod command;
+pub mod groups;
 pub mod lines;
 pub mod media;
 pub mod musetalk;

@@ -137,6 +137,7 @@ pub async fn run(inv: &Invocation, opts: &RunOptions, on_spawn: OnSpawn<'_>, on_
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|source| PipelineError::Spawn { program: inv.program.clone(), source })?;
     let pid = child.id().unwrap_or(0);
+    let _tracked = super::groups::track(pid);
     on_spawn(pid);
     let group = Pid::from_raw(pid as i32);
 

@@ -321,6 +321,7 @@ impl WorkerPool {
         *worker.pgid.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid as i32);
         worker.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let _tree: TreeGuard = self.collector.register_tree(pid, "realtime");
+        let _tracked = super::groups::track(pid);
         *worker.stdin.lock().await = child.stdin.take();
         tracing::info!(worker = %spec.name, pid, "realtime worker started");
 
