@@ -7,6 +7,8 @@
 #   ffmpeg        ffmpeg, ffprobe   (the preview backend, media probing)
 #   prometheus    prometheus, promtool (the real Prometheus the e2e tests scrape with)
 #   python3-yaml  `python3 -c 'import yaml'`
+#   chromium      chromium, chromedriver (packages chromium, chromium-driver: the
+#                 status page's real-browser test drives headless Chromium over WebDriver)
 # Missing ones are installed with apt-get when running as root; otherwise the exact
 # command to run is printed and the script exits 1.
 set -euo pipefail
@@ -18,7 +20,16 @@ have() {
         ffmpeg) command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 ;;
         prometheus) command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 ;;
         python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
+        chromium) command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 ;;
         *) printf 'ensure-deps: unknown component %s\n' "$1" >&2; exit 2 ;;
+    esac
+}
+
+# The Debian packages of a component (most are one package of the same name).
+packages() {
+    case "$1" in
+        chromium) echo chromium chromium-driver ;;
+        *) echo "$1" ;;
     esac
 }
 
@@ -31,7 +42,12 @@ if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 
-install_cmd="apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+debs=()
+for pkg in "${missing[@]}"; do
+    read -r -a p <<<"$(packages "$pkg")"
+    debs+=("${p[@]}")
+done
+install_cmd="apt-get update && apt-get install -y --no-install-recommends ${debs[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then
     printf 'missing: %s; this is not a Debian/Ubuntu system, install them with your package manager\n' "${missing[*]}" >&2
     exit 1
@@ -44,7 +60,7 @@ fi
 say "installing ${missing[*]} (apt-get)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
 
 still=()
 for pkg in "${missing[@]}"; do

@@ -4,7 +4,8 @@
 # NVIDIA GPU and stay ignored. Extra arguments go to `cargo test`.
 #
 # On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe,
-# prometheus, promtool, python3-yaml) are installed when running as root; otherwise
+# prometheus, promtool, python3-yaml, chromium and chromedriver for the status page's
+# browser test) are installed when running as root; otherwise
 # the command to install them is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 say "checking system tools"
-scripts/ensure-deps.sh ffmpeg prometheus python3-yaml
+scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium
 
 say "cargo test --all-targets $*"
 status=0

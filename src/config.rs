@@ -222,6 +222,10 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum, default_value = "grpc")]
     pub otlp_protocol: OtlpProtocol,
 
+    /// Grafana dashboard linked from the status page; `{from}`/`{to}` (epoch ms) and `{trace_id}` are filled in, otherwise `from`/`to` are appended for a job's time range.
+    #[arg(long, env = "MUSETALK_SIDECAR_GRAFANA_URL")]
+    pub grafana_url: Option<String>,
+
     /// Trace UI link template for reports, with {trace_id} (e.g. http://jaeger:16686/trace/{trace_id}).
     #[arg(long, env = "MUSETALK_SIDECAR_TRACE_UI_URL")]
     pub trace_ui_url: Option<String>,
@@ -322,6 +326,13 @@ impl Config {
         }
         if self.realtime_gpus.is_empty() || self.realtime_gpus.iter().any(|g| g.is_empty() || !g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
             return invalid("realtime-gpus", "must be a comma-separated list of GPU indices or UUIDs");
+        }
+        for (flag, url) in [("grafana-url", &self.grafana_url), ("trace-ui-url", &self.trace_ui_url)] {
+            if let Some(u) = url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                return invalid(flag, "must be an http:// or https:// URL");
+            }
         }
         if let Some(url) = &self.otlp_endpoint
             && !(url.starts_with("http://") || url.starts_with("https://"))

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
 pub mod telemetry;
+pub mod ui;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

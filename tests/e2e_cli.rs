@@ -169,12 +169,12 @@ async fn infer_saves_the_video_and_prints_the_servers_report() {
     let steps = json["steps"].as_array().unwrap();
     assert!(!steps.is_empty());
     for s in steps {
-        let line = format!("  {:<22} {:>9.3} s", s["name"].as_str().unwrap(), s["seconds"].as_f64().unwrap());
+        let line = format!("  {:<26} {:>9.3} s", s["name"].as_str().unwrap(), s["seconds"].as_f64().unwrap());
         assert!(run.stdout.lines().any(|l| l.starts_with(&line)), "no step line {line:?} in:\n{}", run.stdout);
     }
     let output_bytes = json["files"]["output_bytes"].as_u64().unwrap();
     assert_eq!(std::fs::metadata(&saved).unwrap().len(), output_bytes, "the saved file is the job's output");
-    assert!(run.stdout.contains(&format!("output video           {}", human(output_bytes))), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("output video               {}", human(output_bytes))), "{}", run.stdout);
 
     // stderr: the job, its trace and where the video went; no error.
     assert!(run.stderr.contains(&format!("job {id} accepted (trace {trace})")), "{}", run.show());

@@ -779,9 +779,12 @@ async fn bearer_token_guards_the_api_but_not_the_admin_routes() {
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"), "{auth:?}");
+        let connection = r.headers().get("connection").map(|v| v.to_str().unwrap().to_string());
         let (status, body) = json_of(r).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
         assert_eq!(body["error"], "unauthorized");
+        // The refused upload's connection is closed by the server (its body was never read).
+        assert_eq!(connection.as_deref(), Some("close"), "{auth:?}");
         let (status, _) = json_of(svc.client().get(svc.url("/v1/jobs")).send().await.unwrap()).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }

@@ -9,9 +9,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::jobs::{AUDIO_EXTS, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field, within_upload_timeout};
+use super::jobs::{AUDIO_EXTS, JobErrorBody, JobFailure, JobResponse, UPLOAD_400, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field, within_upload_timeout};
 use super::{ApiError, AppState};
-use crate::jobs::avatars::AvatarError;
+use crate::jobs::avatars::{AvatarError, AvatarInfo};
 use crate::jobs::{Job, MODE_REALTIME, Work};
 use crate::telemetry;
 
@@ -25,6 +25,40 @@ impl From<AvatarError> for ApiError {
         };
         ApiError::new(StatusCode::CONFLICT, code, e.to_string())
     }
+}
+
+/// The multipart body of `POST /v1/avatars` (documentation only: the handler streams the parts).
+#[derive(utoipa::ToSchema)]
+pub struct AvatarForm {
+    /// The avatar's video: mp4, mov, avi, mkv, webm or m4v. At most `--max-upload-bytes`.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub video: Vec<u8>,
+    /// The avatar's id: 1–64 of `A–Z a–z 0–9 _ -`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub avatar_id: String,
+    /// MuseTalk `--bbox_shift`, −200…200.
+    #[schema(required = false, minimum = -200, maximum = 200)]
+    pub bbox_shift: i32,
+}
+
+/// The multipart body of `POST /v1/avatars/{id}/speak` (documentation only).
+#[derive(utoipa::ToSchema)]
+pub struct SpeakForm {
+    /// The speech: wav, mp3, m4a, aac, flac, ogg or opus. At most `--max-upload-bytes`.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub audio: Vec<u8>,
+    /// MuseTalk `--batch_size`, 1…256.
+    #[schema(required = false, minimum = 1, maximum = 256)]
+    pub batch_size: u32,
+}
+
+/// `POST /v1/avatars`: the avatar (in `preparing`) and its preparation job.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AvatarPrepared {
+    pub avatar: AvatarInfo,
+    /// The preparation job (`Location` points at it).
+    pub job_id: String,
+    pub trace_id: String,
 }
 
 fn not_multipart(e: MultipartRejection, parts: &str) -> ApiError {
@@ -62,8 +96,30 @@ fn reject(st: &AppState, job: &Job, span: &tracing::Span, e: ApiError) -> ApiErr
     e
 }
 
-/// `POST /v1/avatars`: multipart `video`, `avatar_id`, optional `bbox_shift`. Answers
-/// `202` with `Location` of the preparation job (its progress, events and report).
+/// Prepares a realtime avatar from a video.
+///
+/// Multipart `video`, `avatar_id`, optional `bbox_shift`. Answers `202` with `Location` of
+/// the preparation job (its progress, events and report); the avatar turns `ready` or `failed`.
+#[utoipa::path(
+    post,
+    path = "/v1/avatars",
+    tag = "avatars",
+    request_body(description = "`video` file, text parts `avatar_id` and optional `bbox_shift`",
+        content((AvatarForm = "multipart/form-data", encoding(("video" = (content_type = "video/*, application/octet-stream")))))),
+    responses(
+        (status = 202, description = "Preparation started; follow `Location`", body = AvatarPrepared,
+            headers(("Location" = String, description = "`/v1/jobs/{id}` of the preparation job"))),
+        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
+        (status = 408, description = "`upload_timeout`", body = super::ErrorBody),
+        (status = 409, description = "`avatar_exists`: DELETE it first", body = super::ErrorBody),
+        (status = 413, description = "`file_too_large`", body = super::ErrorBody),
+        (status = 415, description = "`not_multipart`", body = super::ErrorBody),
+        (status = 429, description = "`queue_full`", body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 500, description = "`internal`", body = super::ErrorBody),
+        (status = 503, description = "`realtime_unavailable` (no realtime engine) or `shutting_down`", body = super::ErrorBody),
+        (status = 507, description = "`insufficient_storage`", body = super::ErrorBody),
+    )
+)]
 pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| not_multipart(e, "`video` and `avatar_id` parts"))?;
     realtime_enabled(&st)?;
@@ -128,28 +184,84 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     drop(span);
     let avatar = st.jobs.avatars.insert(&id, dir, source, info, bbox, job.id.clone());
     st.jobs.start(job.clone(), admission, Work::Prepare { avatar: avatar.clone() }, t0.elapsed().as_secs_f64());
-    let body = serde_json::json!({ "avatar": avatar.info(), "job_id": job.id, "trace_id": job.trace_id });
+    let body = AvatarPrepared { avatar: avatar.info(), job_id: job.id.clone(), trace_id: job.trace_id.clone() };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
 }
 
-/// `GET /v1/avatars`.
-pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::avatars::AvatarInfo>> {
+/// Lists the avatars, by id.
+#[utoipa::path(
+    get,
+    path = "/v1/avatars",
+    tag = "avatars",
+    responses((status = 200, description = "Every avatar and its state", body = Vec<AvatarInfo>))
+)]
+pub async fn list(State(st): State<AppState>) -> Json<Vec<AvatarInfo>> {
     Json(st.jobs.avatars.list())
 }
 
-/// `GET /v1/avatars/{id}`.
-pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<crate::jobs::avatars::AvatarInfo>, ApiError> {
+/// One avatar and its state.
+#[utoipa::path(
+    get,
+    path = "/v1/avatars/{id}",
+    tag = "avatars",
+    params(("id" = String, Path, description = "The avatar id")),
+    responses(
+        (status = 200, description = "The avatar", body = AvatarInfo),
+        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
+    )
+)]
+pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<AvatarInfo>, ApiError> {
     Ok(Json(st.jobs.avatars.get(&id)?.info()))
 }
 
-/// `DELETE /v1/avatars/{id}`: refused (409) while it is being prepared.
+/// Removes an avatar and its files; refused while it is being prepared.
+#[utoipa::path(
+    delete,
+    path = "/v1/avatars/{id}",
+    tag = "avatars",
+    params(("id" = String, Path, description = "The avatar id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
+        (status = 409, description = "`avatar_preparing`: wait until it is `ready` or `failed`", body = super::ErrorBody),
+    )
+)]
 pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
     st.jobs.avatars.remove(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/avatars/{id}/speak`: multipart `audio`, optional `batch_size`. The same
-/// answer as `/v1/inference` (sync, or `202` with `Prefer: respond-async`).
+/// Speaks an audio clip with a prepared avatar.
+///
+/// Multipart `audio`, optional `batch_size`. The same answer as `/v1/inference`: waits
+/// for the job, or with `Prefer: respond-async` answers `202` with `Location`.
+#[utoipa::path(
+    post,
+    path = "/v1/avatars/{id}/speak",
+    tag = "avatars",
+    params(
+        ("id" = String, Path, description = "The avatar id (must be `ready`)"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async`: answer `202` with the job's status and `Location` at once"),
+    ),
+    request_body(description = "`audio` file, optional text part `batch_size`",
+        content((SpeakForm = "multipart/form-data", encoding(("audio" = (content_type = "audio/*, application/octet-stream")))))),
+    responses(
+        (status = 200, description = "The job succeeded", body = JobResponse),
+        (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
+            headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
+        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
+        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
+        (status = 408, description = "`upload_timeout`", body = super::ErrorBody),
+        (status = 409, description = "`avatar_preparing`, `avatar_failed` (an `ErrorBody`), or `job_cancelled` (a `JobFailure`)", body = JobErrorBody),
+        (status = 413, description = "`file_too_large`", body = super::ErrorBody),
+        (status = 415, description = "`not_multipart`", body = super::ErrorBody),
+        (status = 429, description = "`queue_full`", body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 500, description = "`job_failed` (a `JobFailure`) or `internal`", body = JobErrorBody),
+        (status = 503, description = "`realtime_unavailable` or `shutting_down`", body = super::ErrorBody),
+        (status = 504, description = "`job_timed_out`", body = JobFailure),
+        (status = 507, description = "`insufficient_storage`", body = super::ErrorBody),
+    )
+)]
 pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| not_multipart(e, "an `audio` part"))?;
     realtime_enabled(&st)?;

@@ -5,9 +5,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// The JSON body of every error response.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(example = json!({"error": "job_not_found", "detail": "no job `0123abcd` (finished jobs are kept for --job-retention)"}))]
 pub struct ErrorBody {
-    /// Stable, machine-readable code (snake_case).
+    /// Stable, machine-readable code (snake_case); each operation lists the codes it can answer.
+    #[schema(pattern = "^[a-z][a-z0-9_]*$")]
     pub error: String,
     /// What went wrong and, where there is one, the fix.
     pub detail: String,
@@ -50,6 +52,11 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        // These are answered before an upload body is read: closing the connection keeps
+        // a client from reusing it with the unread body still on the wire.
+        if matches!(self.status, StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT) {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

@@ -47,23 +47,88 @@ pub(super) fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
 }
 
 /// `{job_id, trace_id, backend, state, output_url, report}`: the answer to a finished job.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct JobResponse {
     pub job_id: String,
+    /// W3C trace id (32 hex digits) of the job's trace.
     pub trace_id: String,
+    /// `preview`, `musetalk` or `command`.
     pub backend: &'static str,
     pub state: JobState,
+    /// `/v1/jobs/{id}/output` once the job succeeded.
     pub output_url: Option<String>,
     pub report: Option<Report>,
 }
 
-#[derive(Serialize)]
-struct JobFailure {
+/// A job that ended without success: the error body (`error`, `detail`) plus the job's answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JobFailure {
+    /// `job_failed`, `job_timed_out` or `job_cancelled`.
     error: &'static str,
+    /// The failing step and its message.
     detail: String,
     #[serde(flatten)]
     job: JobResponse,
 }
+
+/// A failed synchronous job (`JobFailure`) or any other error (`ErrorBody`, e.g. `internal`).
+pub struct JobErrorBody;
+
+impl utoipa::PartialSchema for JobErrorBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::ToSchema;
+        let any = utoipa::openapi::schema::AnyOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name(JobFailure::name()))
+            .item(utoipa::openapi::Ref::from_schema_name(super::ErrorBody::name()))
+            .description(Some("`JobFailure` when the job ended unsuccessfully, `ErrorBody` otherwise"));
+        utoipa::openapi::RefOr::T(any.into())
+    }
+}
+
+impl utoipa::ToSchema for JobErrorBody {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        use utoipa::PartialSchema;
+        schemas.push((JobFailure::name().into(), JobFailure::schema()));
+        schemas.push((super::ErrorBody::name().into(), super::ErrorBody::schema()));
+        <JobFailure as utoipa::ToSchema>::schemas(schemas);
+    }
+}
+
+/// The multipart body of `POST /v1/inference` (documentation only: the handler streams the parts).
+#[derive(utoipa::ToSchema)]
+pub struct InferenceForm {
+    /// The face video: mp4, mov, avi, mkv, webm or m4v (by file name; anything else is stored as `.mp4`). At most `--max-upload-bytes`.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub video: Vec<u8>,
+    /// The speech: wav, mp3, m4a, aac, flac, ogg or opus (anything else is stored as `.wav`). At most `--max-upload-bytes`.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub audio: Vec<u8>,
+    /// 1–64 of `A–Z a–z 0–9 _ -`.
+    #[schema(required = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub avatar_id: String,
+    /// MuseTalk `--bbox_shift`, −200…200.
+    #[schema(required = false, minimum = -200, maximum = 200)]
+    pub bbox_shift: i32,
+    /// MuseTalk `--batch_size`, 1…256.
+    #[schema(required = false, minimum = 1, maximum = 256)]
+    pub batch_size: u32,
+}
+
+/// `DELETE /v1/jobs/{id}`: the job and the state it ended in.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CancelResponse {
+    pub job_id: String,
+    /// `cancelled` once the pipeline stopped (the state so far if it takes longer than `--kill-grace` + 5 s).
+    pub state: JobState,
+}
+
+/// The mp4 bytes of a job's output.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary, content_media_type = "video/mp4")]
+pub struct Mp4(pub Vec<u8>);
+
+/// Error codes of the multipart uploads, shared by the upload routes.
+pub(super) const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `field_too_long`, `invalid_utf8`";
 
 fn job_response(job: &Job) -> JobResponse {
     let state = job.state();
@@ -90,7 +155,36 @@ pub(super) fn finished_response(job: &Job) -> Response {
     (status, Json(JobFailure { error: code, detail, job: body })).into_response()
 }
 
-/// `POST /v1/inference`: multipart `video`, `audio`, optional `avatar_id`, `bbox_shift`, `batch_size`.
+/// Runs a lip-sync job on an uploaded video and audio.
+///
+/// Multipart `video`, `audio`, optional `avatar_id`, `bbox_shift`, `batch_size`; the parts
+/// stream to the job directory. Waits for the job and answers its result, or with
+/// `Prefer: respond-async` answers `202` at once with `Location: /v1/jobs/{id}`.
+#[utoipa::path(
+    post,
+    path = "/v1/inference",
+    tag = "jobs",
+    params(("Prefer" = Option<String>, Header, description = "`respond-async` (RFC 7240): answer `202` with the job's status and `Location` at once instead of waiting")),
+    request_body(description = "`video` and `audio` files, optional text parts `avatar_id`, `bbox_shift`, `batch_size`",
+        content((InferenceForm = "multipart/form-data", encoding(("video" = (content_type = "video/*, application/octet-stream")), ("audio" = (content_type = "audio/*, application/octet-stream")))))),
+    responses(
+        (status = 200, description = "The job succeeded", body = JobResponse),
+        (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
+            headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
+        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
+        (status = 408, description = "`upload_timeout`: the parts did not arrive within `--upload-timeout`", body = super::ErrorBody),
+        (status = 409, description = "`job_cancelled`: the job was cancelled while the client waited", body = JobFailure),
+        (status = 413, description = "`file_too_large`: a part exceeds `--max-upload-bytes`", body = super::ErrorBody),
+        (status = 415, description = "`not_multipart`: the body is not multipart/form-data", body = super::ErrorBody),
+        (status = 429, description = "`queue_full`: the admission queue is full; retry after `Retry-After` seconds", body = super::ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 500, description = "`job_failed` (a `JobFailure`: the pipeline failed) or `internal`", body = JobErrorBody),
+        (status = 503, description = "`shutting_down`: the service is draining", body = super::ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 504, description = "`job_timed_out`: the job ran past `--job-timeout`", body = JobFailure),
+        (status = 507, description = "`insufficient_storage`: the data dir is full", body = super::ErrorBody),
+    )
+)]
 pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with `video` and `audio` parts ({e})")))?;
     // Refuse before reading a byte of a possibly huge upload.
@@ -225,7 +319,10 @@ pub(super) async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, ki
         .filter(|e| exts.contains(&e.as_str()))
         .unwrap_or_else(|| default_ext.to_string());
     let path = job.dir.join(format!("{kind}_{}.{ext}", job.id));
-    let mut file = tokio::fs::File::create(&path).await.map_err(|e| storage_error(e, "creating the upload file"))?;
+    let file = tokio::fs::File::create(&path).await.map_err(|e| storage_error(e, "creating the upload file"))?;
+    // tokio::fs runs every write on the blocking pool: batch the small multipart chunks
+    // into 1 MiB writes (bounded memory, far fewer thread hops).
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let limit = st.config.max_upload_bytes;
     let mut written: u64 = 0;
     while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("reading the `{kind}` part: {}", e.body_text())))? {
@@ -256,17 +353,50 @@ fn find(st: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
     st.jobs.get(id).ok_or_else(|| ApiError::not_found("job_not_found", format!("no job `{id}` (finished jobs are kept for --job-retention)")))
 }
 
-/// `GET /v1/jobs`: every job still kept, newest first.
+/// Lists every job still kept, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    responses((status = 200, description = "Every kept job's status, newest first", body = Vec<crate::jobs::JobStatus>))
+)]
 pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::JobStatus>> {
     Json(st.jobs.list().iter().map(|j| j.status()).collect())
 }
 
-/// `GET /v1/jobs/{id}`: state, stage, progress, step timings so far.
+/// A job's state, current stage, progress and step timings so far.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job's status", body = crate::jobs::JobStatus),
+        (status = 404, description = "`job_not_found`: unknown job, or no longer kept (`--job-retention`)", body = super::ErrorBody),
+    )
+)]
 pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     Ok(Json(find(&st, &id)?.status()).into_response())
 }
 
-/// `GET /v1/jobs/{id}/report`: JSON, or the console text with `Accept: text/plain`.
+/// A finished job's report: JSON, or the console text with `Accept: text/plain`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/report",
+    tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("Accept" = Option<String>, Header, description = "`text/plain` (without `application/json`) for the console report; JSON otherwise"),
+    ),
+    responses(
+        (status = 200, description = "The report", content(
+            (Report = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
+        (status = 409, description = "`job_not_finished`: the report is ready when the job ends", body = super::ErrorBody),
+    )
+)]
 pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     let job = find(&st, &id)?;
     let report = job.report().ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "job_not_finished", format!("job `{id}` is {}; the report is ready when it ends", job.state().as_str())))?;
@@ -277,7 +407,28 @@ pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, he
     Ok(Json(report).into_response())
 }
 
-/// `GET /v1/jobs/{id}/output`: the mp4, with Range support.
+/// A succeeded job's output video, with Range support.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/output",
+    tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("Range" = Option<String>, Header, description = "`bytes=START-END`: answers `206` with that part"),
+    ),
+    responses(
+        (status = 200, description = "The whole mp4", body = Mp4, content_type = "video/mp4",
+            headers(("Accept-Ranges" = String, description = "`bytes`"), ("Content-Length" = u64))),
+        (status = 206, description = "The requested range of the mp4", body = Mp4, content_type = "video/mp4",
+            headers(("Content-Range" = String, description = "`bytes START-END/TOTAL`"), ("Content-Length" = u64))),
+        (status = 304, description = "Not modified (`If-Modified-Since`)"),
+        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
+        (status = 409, description = "`no_output`: the job has not succeeded (yet)", body = super::ErrorBody),
+        (status = 410, description = "`output_gone`: the output file was removed", body = super::ErrorBody),
+        (status = 416, description = "The range is not satisfiable (empty body, `Content-Range: bytes */TOTAL`)",
+            headers(("Content-Range" = String))),
+    )
+)]
 pub async fn output(State(st): State<AppState>, UrlPath(id): UrlPath<String>, req: Request) -> Result<Response, ApiError> {
     let job = find(&st, &id)?;
     let path = job.output().ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "no_output", format!("job `{id}` is {} and has no output", job.state().as_str())))?;
@@ -295,18 +446,42 @@ fn mime_mp4() -> mime::Mime {
     "video/mp4".parse().unwrap_or(mime::APPLICATION_OCTET_STREAM)
 }
 
-/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (its process group is killed).
+/// Cancels a queued or running job (a running one has its process group killed).
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job was cancelled", body = CancelResponse),
+        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
+        (status = 409, description = "`job_finished`: the job had already ended", body = super::ErrorBody),
+    )
+)]
 pub async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let job = find(&st, &id)?;
     if !job.cancel() {
         return Err(ApiError::new(StatusCode::CONFLICT, "job_finished", format!("job `{id}` already ended {}", job.state().as_str())));
     }
     let state = tokio::time::timeout(st.config.kill_grace + std::time::Duration::from_secs(5), job.finished()).await.unwrap_or(job.state());
-    Ok((StatusCode::OK, Json(serde_json::json!({ "job_id": id, "state": state }))).into_response())
+    Ok((StatusCode::OK, Json(CancelResponse { job_id: id, state })).into_response())
 }
 
-/// `GET /v1/jobs/{id}/events`: Server-Sent Events — a `status` snapshot, then state
-/// changes, step and stage starts/ends and progress, ending with `done`.
+/// Follows a job as Server-Sent Events.
+///
+/// A `status` event (data: `JobStatus`) first, then `state`, `step_start`, `step_end`,
+/// `stage_start`, `stage_end` and `progress` events (data: `JobEvent`, whose `type` is
+/// the event name), ending with `done`; a finished job's stream is `status` then `done`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "`text/event-stream`: `event: status` with a `JobStatus` as data, then events whose data is a `JobEvent` (`type` = event name), ending with `done`", body = String, content_type = "text/event-stream"),
+        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
+    )
+)]
 pub async fn events(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = find(&st, &id)?;
     let (snapshot, rx) = job.subscribe();

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::Sample;
 
 /// Average and peak of one figure over a window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AvgPeak {
     pub avg: f64,
     pub peak: f64,
@@ -37,7 +37,7 @@ impl Acc {
 }
 
 /// One GPU over a window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct GpuWindow {
     pub index: u32,
     pub name: String,
@@ -49,7 +49,7 @@ pub struct GpuWindow {
 }
 
 /// One registered process tree over a window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TreeWindow {
     pub cpu: AvgPeak,
     pub rss: AvgPeak,
@@ -60,7 +60,7 @@ pub struct TreeWindow {
 }
 
 /// Everything the ring knows about `[from, to]`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Window {
     pub samples: usize,
     pub cpu: Option<AvgPeak>,

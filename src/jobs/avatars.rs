@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::pipeline::MediaInfo;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AvatarState {
     Preparing,
@@ -32,7 +32,7 @@ pub struct Avatar {
 }
 
 /// What `GET /v1/avatars` lists.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AvatarInfo {
     pub avatar_id: String,
     pub state: AvatarState,

@@ -73,7 +73,7 @@ impl Work {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Receiving,
@@ -104,7 +104,7 @@ impl JobState {
 }
 
 /// What `GET /v1/jobs/{id}` shows: state, progress, timings so far.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct JobStatus {
     pub job_id: String,
     pub trace_id: String,
@@ -119,14 +119,14 @@ pub struct JobStatus {
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Progress {
     pub done: u64,
     pub total: Option<u64>,
 }
 
 /// Server-Sent Event payloads (`event:` is the variant name).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEvent {
     State { state: JobState },

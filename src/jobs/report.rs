@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::collector::{AvgPeak, Window};
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Timing {
     pub name: String,
     pub seconds: f64,
@@ -12,7 +12,7 @@ pub struct Timing {
     pub percent: f64,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Subprocess {
     pub pid: u32,
     pub exit_code: Option<i32>,
@@ -22,7 +22,7 @@ pub struct Subprocess {
     pub command: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Files {
     pub video_bytes: u64,
     pub audio_bytes: u64,
@@ -31,7 +31,7 @@ pub struct Files {
     pub output_input_ratio: Option<f64>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Media {
     pub video_seconds: f64,
     pub audio_seconds: f64,
@@ -41,7 +41,7 @@ pub struct Media {
     pub realtime_factor: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Bottleneck {
     pub step: String,
     pub percent: f64,
@@ -49,13 +49,13 @@ pub struct Bottleneck {
     pub stage: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorInfo {
     pub step: String,
     pub message: String,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Report {
     pub job_id: String,
     pub trace_id: String,
