@@ -47,7 +47,16 @@ impl LineSplitter {
 
     fn flush_into(&mut self, out: &mut Vec<String>) {
         if !self.buf.is_empty() {
-            let line = String::from_utf8_lossy(&self.buf).trim_end().to_string();
+            let mut line = String::from_utf8_lossy(&self.buf).trim_end().to_string();
+            // Lossy decoding turns each invalid byte into a 3-byte U+FFFD: re-bound the
+            // line (at a char boundary) so MAX_LINE holds for what callers see (found by fuzzing).
+            if line.len() > MAX_LINE {
+                let mut end = MAX_LINE;
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                line.truncate(end);
+            }
             if !line.is_empty() {
                 out.push(line);
             }
@@ -79,5 +88,9 @@ mod tests {
         assert_eq!(lines[0].len(), MAX_LINE);
         assert_eq!(s.push(b"\nnext\n"), vec!["next"]);
         assert_eq!(s.push(b"\xff\xfe ok\n"), vec!["\u{fffd}\u{fffd} ok"]);
+        // A line of invalid bytes grows 3× when decoded; it is still bounded.
+        let invalid = vec![0xffu8; MAX_LINE];
+        let lines = s.push(&[&invalid[..], b"\n"].concat());
+        assert!(lines[0].len() <= MAX_LINE, "{}", lines[0].len());
     }
 }
