@@ -56,6 +56,8 @@ impl LineSplitter {
                     end -= 1;
                 }
                 line.truncate(end);
+                // The cut may land after a space: keep "no trailing whitespace" true.
+                line.truncate(line.trim_end().len());
             }
             if !line.is_empty() {
                 out.push(line);
@@ -92,5 +94,10 @@ mod tests {
         let invalid = vec![0xffu8; MAX_LINE];
         let lines = s.push(&[&invalid[..], b"\n"].concat());
         assert!(lines[0].len() <= MAX_LINE, "{}", lines[0].len());
+        // A cut that lands after a space leaves no trailing whitespace (fuzz regression).
+        let mut cut = vec![0xffu8; 2730];
+        cut.extend_from_slice(b"x yyy\n");
+        let lines = s.push(&cut);
+        assert!(lines[0].len() <= MAX_LINE && !lines[0].ends_with(' '), "{:?}", &lines[0][lines[0].len() - 4..]);
     }
 }

@@ -98,6 +98,15 @@ pub enum Delivery {
     Exited { status: String, stderr_tail: String },
 }
 
+/// One line (without its `\n`), decoded lossily; `None` at end of stream or on a read error.
+async fn read_lossy_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Option<String> {
+    let mut buf = Vec::new();
+    match r.read_until(b'\n', &mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string()),
+    }
+}
+
 /// Maps a worker's `CLOCK_MONOTONIC` seconds to wall time.
 pub fn monotonic_to_system(t: f64) -> SystemTime {
     let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|ts| ts.tv_sec() as f64 + ts.tv_nsec() as f64 / 1e9).unwrap_or(t);
@@ -328,8 +337,10 @@ impl WorkerPool {
         let stderr = child.stderr.take().map(|s| {
             let w = worker.clone();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(s).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
+                let mut reader = BufReader::new(s);
+                // Lossy lines: a non-UTF-8 log line must not stop the reader (the pipe
+                // would fill and block the worker).
+                while let Some(line) = read_lossy_line(&mut reader).await {
                     tracing::info!(target: "worker", worker = %w.spec.name, "{line}");
                     let mut tail = w.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
                     if tail.len() == 20 {
@@ -339,14 +350,14 @@ impl WorkerPool {
                 }
             })
         });
-        let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        let mut stdout = child.stdout.take().map(BufReader::new);
         let ready_deadline = tokio::time::sleep(self.opts.ready_timeout);
         tokio::pin!(ready_deadline);
         let mut reached_ready = false;
         let status = loop {
             tokio::select! {
-                line = async { match stdout.as_mut() { Some(l) => l.next_line().await, None => std::future::pending().await } } => match line {
-                    Ok(Some(line)) => match parse_event(&line) {
+                line = async { match stdout.as_mut() { Some(r) => read_lossy_line(r).await, None => std::future::pending().await } } => match line {
+                    Some(line) => match parse_event(&line) {
                         Some(Event::Ready { worker: info, load_seconds }) => {
                             if !reached_ready {
                                 reached_ready = true;
@@ -484,6 +495,17 @@ mod tests {
         for junk in ["", "loading model...", "{not json", r#"{"event":"unknown"}"#, r#"{"event":"progress","id":"a","done":-1}"#, "[1,2]"] {
             assert_eq!(parse_event(junk), None, "{junk}");
         }
+    }
+
+    #[tokio::test]
+    async fn non_utf8_lines_do_not_stop_the_reader() {
+        let data: &[u8] = b"ok one\n\xff\xfe bad\r\n{\"event\":\"ready\"}\nlast";
+        let mut r = tokio::io::BufReader::new(data);
+        let mut lines = Vec::new();
+        while let Some(l) = read_lossy_line(&mut r).await {
+            lines.push(l);
+        }
+        assert_eq!(lines, ["ok one", "\u{fffd}\u{fffd} bad", "{\"event\":\"ready\"}", "last"]);
     }
 
     #[test]
