@@ -195,7 +195,6 @@ def multipart_raw():
     write(t, "no-name", body([(None, "v.mp4", None, b"abc"), ("", None, None, b"")]))
     write(t, "unterminated", body([("video", "v.mp4", None, mp4[:200])], end=False))
     write(t, "preamble-epilogue", b"preamble\r\n" + body([("avatar_id", None, None, b"bob")]) + b"epilogue")
-    write(t, "empty", b"")
     write(t, "just-boundary", b"--X--\r\n")
     write(t, "lf-only", body([("avatar_id", None, None, b"lf")]).replace(b"\r\n", b"\n"))
     write(t, "lying-wav", body([("video", "v.mp4", None, mp4), ("audio", "a.wav", None, wav(samples=100, declared=0xFFFFFF00))]))

@@ -7,11 +7,14 @@
 # parsers), worker_event (realtime worker protocol decoder), multipart_raw and
 # multipart_parts (the real router's multipart uploads; need ffmpeg + ffprobe).
 #
-# Seeds are read from fuzz/corpus/<target> (committed, small); what fuzzing finds goes to
-# fuzz/target/corpus/<target> (ignored, kept between runs). FUZZ_MERGE=1 merges the
-# inputs that add coverage back into fuzz/corpus/<target> (then check its size: keep it
-# small, see fuzz/README.md). A crash, timeout or OOM leaves its input under
+# Seeds are read from fuzz/corpus/<target> (committed, small) and fuzz/regressions/<target>
+# (inputs of bugs found earlier: an open or returning bug fails the run); what fuzzing finds goes to
+# fuzz/target/corpus/<target> (ignored, kept between runs; fuzz/README.md says how to
+# refresh the committed corpus from it). A crash, timeout or OOM leaves its input under
 # fuzz/artifacts/<target>/ and makes the script exit 1, printing the path.
+#
+# FUZZ_KNOWN_BUGS=name,... tolerates known bugs (fuzz/README.md, fuzz/regressions/) so
+# fuzzing can go past them; FUZZ_STATS=1 prints the multipart targets' response counts.
 #
 # cargo-fuzz needs nightly compiler flags: it runs on the default (stable) toolchain
 # with RUSTC_BOOTSTRAP=1. Set FUZZ_TOOLCHAIN=nightly to use a nightly toolchain instead.
@@ -67,7 +70,10 @@ for t in "${targets[@]}"; do
     say "fuzzing $t for ${secs}s (seeds: fuzz/$seeds)"
     # The full libFuzzer log goes to fuzz/target/<target>.log; progress and panics are shown.
     set +e
-    cargo "${toolchain[@]}" fuzz run "${build_flags[@]}" "$t" "$work" "$seeds" -- "${opts[@]}" 2>&1 |
+    dirs=("$work" "$seeds")
+    # Regressions run first, with the corpus: a bug that is back (or still open) fails here.
+    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
+    cargo "${toolchain[@]}" fuzz run "${build_flags[@]}" "$t" "${dirs[@]}" -- "${opts[@]}" 2>&1 |
         tee "target/$t.log" |
         awk '/panicked at/ { n = 3 } n > 0 { print substr($0, 1, 400); n--; fflush(); next }
              /^#[0-9]+[ \t]+(INITED|DONE)|^stat::|^SUMMARY|^fuzz harness|^  \/v1\/|^    first detail/ { print; fflush() }'
@@ -84,10 +90,6 @@ for t in "${targets[@]}"; do
         failed+=("$t")
     else
         say "$t: no crash in ${secs}s"
-    fi
-    if [ "${FUZZ_MERGE:-0}" = 1 ]; then
-        say "merging new coverage of $t into fuzz/$seeds"
-        cargo "${toolchain[@]}" fuzz run "${build_flags[@]}" "$t" "$seeds" "$work" -- -merge=1 -max_len=4096 -timeout=60 >"target/$t.merge.log" 2>&1 || say "merge of $t failed: see fuzz/target/$t.merge.log"
     fi
 done
 
