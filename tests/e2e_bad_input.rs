@@ -256,3 +256,39 @@ async fn every_bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
     let jobs: f64 = m.lines().filter(|l| l.starts_with("musetalk_jobs_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
     assert_eq!(jobs, 1.0, "{m}");
 }
+
+/// Uploads the fuzzer found that ffprobe accepts but no pipeline can decode (unknown
+/// codec, broken mp4, no decodable frame, 0x0 webm, audio shorter than a frame): each is
+/// a 4xx naming the part on every upload route, never a job that fails with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzz_regressions_are_client_errors_on_every_upload_route() {
+    let svc = ServiceBuilder::new().start().await;
+    svc.wait_ready().await;
+    let prep = encode(&[file("video", "v.mp4", &media().video), text("avatar_id", b"fuzzavatar")]);
+    let r = svc.client().post(svc.url("/v1/avatars")).header("content-type", format!("multipart/form-data; boundary={B}")).body(prep).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    for _ in 0..200 {
+        let v: Value = svc.get("/v1/avatars/fuzzavatar").await.json().await.unwrap();
+        if v["state"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/multipart_raw");
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let body = std::fs::read(entry.path()).unwrap();
+        for route in ["/v1/inference", "/v1/avatars", "/v1/avatars/fuzzavatar/speak"] {
+            cases += 1;
+            let r = svc.client().post(svc.url(route)).header("content-type", "multipart/form-data; boundary=X").body(body.clone()).send().await.unwrap();
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
+                failures.push(format!("{} on {route}: {status} {text}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    assert!(cases >= 18, "the regression inputs are there: {cases}");
+    assert!(failures.is_empty(), "{} server errors:\n{}", failures.len(), failures.join("\n"));
+}

@@ -954,9 +954,10 @@ struct Media {
     video: PathBuf,
     /// 3 s sine: a job that succeeds.
     audio: PathBuf,
-    /// 20 ms: shorter than one video frame, so MuseTalk fails the task (`torch.cat(): expected
-    /// a non-empty list of Tensors`, exit code 0): a job that fails.
-    short_audio: PathBuf,
+    /// 16×16: too small for a face, so MuseTalk fails the task (no face found → `division
+    /// by zero`, exit code 0): a job that fails. (Audio shorter than a frame no longer
+    /// reaches MuseTalk: the upload check refuses it with a 400.)
+    tiny_video: PathBuf,
 }
 
 fn media() -> &'static Media {
@@ -1014,19 +1015,23 @@ fn media() -> &'static Media {
                     "wav",
                 ],
             ),
-            short_audio: make(
-                "short.wav",
+            tiny_video: make(
+                "tiny.mp4",
                 &[
                     "-f",
                     "lavfi",
                     "-i",
-                    "sine=frequency=440:duration=0.02",
-                    "-ar",
-                    "16000",
-                    "-ac",
-                    "1",
+                    "testsrc=size=16x16:rate=25",
+                    "-t",
+                    "2",
+                    "-pix_fmt",
+                    "yuv420p",
+                    "-c:v",
+                    "libx264",
+                    "-preset",
+                    "ultrafast",
                     "-f",
-                    "wav",
+                    "mp4",
                 ],
             ),
         }
@@ -1037,9 +1042,9 @@ fn file_part(path: &Path, name: &str) -> Part {
     Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
 }
 
-async fn submit(svc: &Service, audio: &Path) -> (StatusCode, Value) {
+async fn submit(svc: &Service, video: &Path, audio: &Path) -> (StatusCode, Value) {
     let form = Form::new()
-        .part("video", file_part(&media().video, "v.mp4"))
+        .part("video", file_part(video, "v.mp4"))
         .part("audio", file_part(audio, "a.wav"));
     let r = svc
         .client()
@@ -1290,15 +1295,15 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
     // Prometheus to see each one puts a scrape between them, so every counter and bucket
     // has an increase inside the rate window (a series' first sample is no increase).
     let plan = [
-        (&m.audio, StatusCode::OK),
-        (&m.short_audio, StatusCode::INTERNAL_SERVER_ERROR),
-        (&m.audio, StatusCode::OK),
-        (&m.short_audio, StatusCode::INTERNAL_SERVER_ERROR),
-        (&m.audio, StatusCode::OK),
+        (&m.video, StatusCode::OK),
+        (&m.tiny_video, StatusCode::INTERNAL_SERVER_ERROR),
+        (&m.video, StatusCode::OK),
+        (&m.tiny_video, StatusCode::INTERNAL_SERVER_ERROR),
+        (&m.video, StatusCode::OK),
     ];
     let mut trace_ids = BTreeSet::new();
-    for (n, (audio, want)) in plan.iter().enumerate() {
-        let (status, body) = submit(&svc, audio).await;
+    for (n, (video, want)) in plan.iter().enumerate() {
+        let (status, body) = submit(&svc, video, &m.audio).await;
         assert_eq!(status, *want, "{body}; logs:\n{}", svc.logs());
         if *want != StatusCode::OK {
             assert_eq!(body["error"], "job_failed", "{body}");
@@ -1319,7 +1324,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
     .await;
     let rejected = r#"sum(http_server_request_duration_seconds_count{http_route="/v1/inference", http_response_status_code="429"})"#;
     for n in 1..=2 {
-        let (status, body) = submit(&svc, &m.audio).await;
+        let (status, body) = submit(&svc, &m.video, &m.audio).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
         assert_eq!(body["error"], "queue_full", "{body}");
         prom.wait_value(rejected, Duration::from_secs(20), |v| v == n as f64)

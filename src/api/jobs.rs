@@ -239,11 +239,24 @@ pub(super) fn prefers_async(headers: &HeaderMap) -> bool {
 
 /// ffprobe of an uploaded part: a 400 naming the part when it is not media.
 pub(super) async fn probe_part(st: &AppState, part: &str, path: &Path) -> Result<crate::pipeline::MediaInfo, ApiError> {
-    media::probe(&st.config.ffprobe, path).await.map_err(|e| match e {
-        ProbeError::Unreadable(why) => ApiError::bad_request(if part == "video" { "invalid_video" } else { "invalid_audio" }, format!("the `{part}` part is not a readable media file: {why}")),
+    let code = if part == "video" { "invalid_video" } else { "invalid_audio" };
+    let info = media::probe(&st.config.ffprobe, path).await.map_err(|e| match e {
+        ProbeError::Unreadable(why) => ApiError::bad_request(code, format!("the `{part}` part is not a readable media file: {why}")),
         other => ApiError::internal(format!("probing the `{part}` part: {other}")),
-    })
+    })?;
+    // The stream the job will use must also decode (headers alone can lie).
+    let is_video = part == "video";
+    if (is_video && info.has_video) || (!is_video && info.has_audio) {
+        media::decode_check(&st.config.ffmpeg, path, is_video).await.map_err(|why| ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")))?;
+    }
+    if !is_video && info.has_audio && info.duration_secs < MIN_AUDIO_SECONDS {
+        return Err(ApiError::bad_request(code, format!("the `{part}` part lasts {:.3} s, shorter than one video frame ({MIN_AUDIO_SECONDS} s)", info.duration_secs)));
+    }
+    Ok(info)
 }
+
+/// Audio shorter than one frame at 25 fps yields no video at all.
+pub(super) const MIN_AUDIO_SECONDS: f64 = 0.04;
 
 #[derive(Default)]
 struct Received {
