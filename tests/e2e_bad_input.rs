@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use common::service::{Service, ServiceBuilder};
@@ -21,17 +20,9 @@ struct Media {
 fn media() -> &'static Media {
     static M: OnceLock<Media> = OnceLock::new();
     M.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let make = |args: &[&str], name: &str| -> Vec<u8> {
-            let out = dir.path().join(name);
-            assert!(Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&out).status().unwrap().success());
-            std::fs::read(out).unwrap()
-        };
-        Media {
-            video: make(&["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], "v.mp4"),
-            audio: make(&["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-ar", "8000", "-ac", "1"], "a.wav"),
-            silent_video: make(&["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], "s.mp4"),
-        }
+        let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+        let video = read(common::media::video(64, 64, 10, 1));
+        Media { silent_video: video.clone(), video, audio: read(common::media::sine(440, 1, 8000)) }
     })
 }
 

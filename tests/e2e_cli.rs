@@ -23,18 +23,12 @@ const AUDIO_SECONDS: f64 = 3.0;
 const FRAME: f64 = 0.04;
 
 // ---------------------------------------------------------------------------------------
-// Media, made once per test binary with real ffmpeg.
+// Media: the shared clips, under names a user would have (the default output is
+// `face_speech.mp4`).
 
 struct Media {
     video: PathBuf,
     audio: PathBuf,
-}
-
-fn ffmpeg(args: &[&str], out: &Path) {
-    let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-    let st = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().expect("run ffmpeg (install ffmpeg)");
-    assert!(st.success(), "ffmpeg {args:?} failed: {st}");
-    std::fs::rename(&tmp, out).unwrap();
 }
 
 fn media() -> &'static Media {
@@ -42,23 +36,17 @@ fn media() -> &'static Media {
     MEDIA.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_cli_media");
         std::fs::create_dir_all(&dir).unwrap();
-        // Names a user would have: the default output is `face_speech.mp4`.
-        let video = dir.join("face.mp4");
-        let audio = dir.join("speech.wav");
-        if !video.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &video);
-        }
-        if !audio.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-ar", "16000", "-ac", "1"], &audio);
-        }
-        Media { video, audio }
+        let named = |from: &Path, name: &str| {
+            let to = dir.join(name);
+            // A hard link appears whole or not at all; a second binary run finds it there.
+            match std::fs::hard_link(from, &to) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("link {}: {e}", to.display()),
+                _ => to,
+            }
+        };
+        let shared = common::media::media();
+        Media { video: named(&shared.video, "face.mp4"), audio: named(&shared.audio, "speech.wav") }
     })
-}
-
-fn ffprobe_duration(path: &Path) -> f64 {
-    let out = Command::new("ffprobe").args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"]).arg(path).output().expect("run ffprobe");
-    assert!(out.status.success(), "ffprobe {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|e| panic!("ffprobe duration of {}: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -155,7 +143,7 @@ async fn infer_saves_the_video_and_prints_the_servers_report() {
     // The video, under the default name in the current directory, lasts as long as the audio.
     let saved = cwd.path().join("face_speech.mp4");
     assert!(saved.is_file(), "no {}: {}", saved.display(), run.show());
-    let d = ffprobe_duration(&saved);
+    let d = common::media::duration(&saved);
     assert!((d - AUDIO_SECONDS).abs() <= FRAME + 1e-6, "saved video lasts {d} s, the audio {AUDIO_SECONDS} s");
 
     // stdout is the report the service renders, and its figures are the JSON report's.

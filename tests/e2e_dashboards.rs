@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::media::file_part;
 use common::otlp::OtlpReceiver;
 use common::prometheus::promtool;
 use common::service::{Service, ServiceBuilder};
@@ -963,83 +964,9 @@ struct Media {
 fn media() -> &'static Media {
     static MEDIA: OnceLock<Media> = OnceLock::new();
     MEDIA.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_dashboards_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let make = |name: &str, args: &[&str]| {
-            let out = dir.join(name);
-            if !out.exists() {
-                let tmp = dir.join(format!("tmp{}-{name}", std::process::id()));
-                let st = Command::new("ffmpeg")
-                    .args(["-v", "error", "-y"])
-                    .args(args)
-                    .arg(&tmp)
-                    .status()
-                    .expect("run ffmpeg (install ffmpeg)");
-                assert!(st.success(), "ffmpeg {args:?}: {st}");
-                std::fs::rename(&tmp, &out).unwrap();
-            }
-            out
-        };
-        Media {
-            video: make(
-                "v.mp4",
-                &[
-                    "-f",
-                    "lavfi",
-                    "-i",
-                    "testsrc=size=128x128:rate=25",
-                    "-t",
-                    "2",
-                    "-pix_fmt",
-                    "yuv420p",
-                    "-c:v",
-                    "libx264",
-                    "-preset",
-                    "ultrafast",
-                    "-f",
-                    "mp4",
-                ],
-            ),
-            audio: make(
-                "a.wav",
-                &[
-                    "-f",
-                    "lavfi",
-                    "-i",
-                    "sine=frequency=440:duration=3",
-                    "-ar",
-                    "16000",
-                    "-ac",
-                    "1",
-                    "-f",
-                    "wav",
-                ],
-            ),
-            tiny_video: make(
-                "tiny.mp4",
-                &[
-                    "-f",
-                    "lavfi",
-                    "-i",
-                    "testsrc=size=16x16:rate=25",
-                    "-t",
-                    "2",
-                    "-pix_fmt",
-                    "yuv420p",
-                    "-c:v",
-                    "libx264",
-                    "-preset",
-                    "ultrafast",
-                    "-f",
-                    "mp4",
-                ],
-            ),
-        }
+        let shared = common::media::media();
+        Media { video: shared.video.clone(), audio: shared.audio.clone(), tiny_video: common::media::video(16, 16, 25, 2) }
     })
-}
-
-fn file_part(path: &Path, name: &str) -> Part {
-    Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
 }
 
 async fn submit(svc: &Service, video: &Path, audio: &Path) -> (StatusCode, Value) {

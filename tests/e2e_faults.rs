@@ -22,22 +22,7 @@ struct Media {
 
 fn media() -> &'static Media {
     static M: OnceLock<Media> = OnceLock::new();
-    M.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_faults_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let make = |args: &[&str], out: &Path| {
-            if !out.exists() {
-                let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-                assert!(Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().unwrap().success());
-                std::fs::rename(&tmp, out).unwrap();
-            }
-        };
-        let video = dir.join("v.mp4");
-        let audio = dir.join("a.wav");
-        make(&["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &video);
-        make(&["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-ar", "8000", "-ac", "1"], &audio);
-        Media { video, audio }
-    })
+    M.get_or_init(|| Media { video: common::media::video(64, 64, 10, 1), audio: common::media::sine(440, 1, 8000) })
 }
 
 fn form() -> Form {

@@ -10,9 +10,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::media::{file_part, media};
 use common::otlp::{OtlpReceiver, ReceivedSpan};
 use common::service::{Service, ServiceBuilder};
 use futures::StreamExt;
@@ -26,45 +26,6 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(45);
 const AUDIO_SECONDS: f64 = 3.0;
 /// One frame at 25 fps.
 const FRAME: f64 = 0.04;
-
-// ---------------------------------------------------------------------------------------
-// Media, made once per test binary with real ffmpeg.
-
-struct Media {
-    /// 2 s, 128×128, 25 fps H.264, no audio stream.
-    video: PathBuf,
-    /// 3 s, 440 Hz sine, 16 kHz mono PCM.
-    audio: PathBuf,
-}
-
-fn ffmpeg(args: &[&str], out: &Path) {
-    // Write under a unique name, then rename: concurrent test binaries never see half a file.
-    let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-    let st = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().expect("run ffmpeg (install ffmpeg)");
-    assert!(st.success(), "ffmpeg {args:?} failed: {st}");
-    std::fs::rename(&tmp, out).unwrap();
-}
-
-fn media() -> &'static Media {
-    static MEDIA: OnceLock<Media> = OnceLock::new();
-    MEDIA.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_jobs_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let video = dir.join("v.mp4");
-        let audio = dir.join("a.wav");
-        if !video.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &video);
-        }
-        if !audio.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-ar", "16000", "-ac", "1"], &audio);
-        }
-        Media { video, audio }
-    })
-}
-
-fn file_part(path: &Path, name: &str) -> Part {
-    Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
-}
 
 /// `video` + `audio`, the minimal valid request.
 fn good_form() -> Form {

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::service::ServiceBuilder;
@@ -31,15 +29,8 @@ fn metric_sum(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_every_job_accounted_for_and_memory_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let (video, audio) = (dir.path().join("v.mp4"), dir.path().join("a.wav"));
-    for (args, out) in [
-        (&["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"][..], &video),
-        (&["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-ar", "8000", "-ac", "1"][..], &audio),
-    ] {
-        assert!(Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(out).status().unwrap().success());
-    }
-    let (video, audio) = (std::fs::read(&video).unwrap(), std::fs::read(Path::new(&audio)).unwrap());
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let (video, audio) = (read(common::media::video(64, 64, 10, 1)), read(common::media::sine(440, 1, 8000)));
     let svc = ServiceBuilder::new().args(["--max-concurrent-jobs", "2", "--queue-size", "4"]).start().await;
     svc.wait_ready().await;
     // Warm up (first ffmpeg runs, allocator arenas), then take the baseline.

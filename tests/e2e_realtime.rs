@@ -6,14 +6,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::media::file_part as part;
 use common::otlp::{OtlpReceiver, ReceivedSpan};
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use serde_json::Value;
 
 struct Media {
@@ -23,27 +23,7 @@ struct Media {
 
 fn media() -> &'static Media {
     static M: OnceLock<Media> = OnceLock::new();
-    M.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_realtime_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let make = |args: &[&str], out: &Path| {
-            if out.exists() {
-                return;
-            }
-            let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-            assert!(Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().unwrap().success());
-            std::fs::rename(&tmp, out).unwrap();
-        };
-        let video = dir.join("v.mp4");
-        let audio = dir.join("a.wav");
-        make(&["-f", "lavfi", "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &video);
-        make(&["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-ar", "16000", "-ac", "1"], &audio);
-        Media { video, audio }
-    })
-}
-
-fn part(path: &Path, name: &str) -> Part {
-    Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
+    M.get_or_init(|| Media { video: common::media::video(128, 128, 25, 2), audio: common::media::sine(440, 2, 16_000) })
 }
 
 async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
@@ -84,10 +64,6 @@ async fn metrics(svc: &Service) -> String {
     svc.get("/metrics").await.text().await.unwrap()
 }
 
-fn ffprobe_duration(path: &Path) -> f64 {
-    let out = Command::new("ffprobe").args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"]).arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
 
 async fn download(svc: &Service, url: &str) -> PathBuf {
     let bytes = svc.get(url).await.bytes().await.unwrap();
@@ -135,7 +111,7 @@ async fn preview_avatar_prepare_speak_and_refusals() {
     let steps: Vec<&str> = v["report"]["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(steps, ["file_processing", "inference", "output_discovery", "response_preparation"]);
     let out = download(&svc, v["output_url"].as_str().unwrap()).await;
-    assert!((ffprobe_duration(&out) - 2.0).abs() <= 0.05, "output lasts as long as the clip");
+    assert!((common::media::duration(&out) - 2.0).abs() <= 0.05, "output lasts as long as the clip");
 
     let (status, list) = json_of(svc.get("/v1/avatars").await).await;
     assert_eq!(status, StatusCode::OK);
@@ -196,7 +172,7 @@ async fn worker_prepare_and_speak_are_traced_with_the_workers_stages() {
     let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(stages, ["audio_features", "unet_inference", "blending", "video_encoding", "audio_mux"], "{report}");
     let out = download(&svc, v["output_url"].as_str().unwrap()).await;
-    assert!((ffprobe_duration(&out) - 2.0).abs() <= 0.05);
+    assert!((common::media::duration(&out) - 2.0).abs() <= 0.05);
 
     // Spans: the worker's stages are children of the `inference` step, with the worker's timings.
     let trace_id = v["trace_id"].as_str().unwrap().to_string();

@@ -44,27 +44,16 @@ struct Media {
     long_audio: PathBuf,
 }
 
-fn ffmpeg(args: &[&str], out: &Path) {
-    if out.exists() {
-        return;
-    }
-    let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-    let st = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().expect("run ffmpeg (install ffmpeg)");
-    assert!(st.success(), "ffmpeg {args:?} failed: {st}");
-    std::fs::rename(&tmp, out).unwrap();
-}
-
 fn media() -> &'static Media {
     static MEDIA: OnceLock<Media> = OnceLock::new();
     MEDIA.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e_ui_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let m = Media { video: dir.join("v.mp4"), audio: dir.join("a.wav"), big_video: dir.join("big.mp4"), long_audio: dir.join("long.wav") };
-        ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &m.video);
-        ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-ar", "16000", "-ac", "1"], &m.audio);
-        ffmpeg(&["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &m.big_video);
-        ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=220:duration=180", "-ar", "16000", "-ac", "1"], &m.long_audio);
-        m
+        let shared = common::media::media();
+        Media {
+            video: shared.video.clone(),
+            audio: shared.audio.clone(),
+            big_video: common::media::video(640, 360, 25, 2),
+            long_audio: common::media::sine(220, 180, 16_000),
+        }
     })
 }
 

@@ -12,11 +12,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::media::{file_part, media};
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -31,44 +29,6 @@ fn is_excluded_ui_route(path: &str) -> bool {
 }
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
-
-// ---------------------------------------------------------------------------------------
-// Media, made once per test binary with real ffmpeg.
-
-struct Media {
-    /// 2 s, 128×128, 25 fps H.264.
-    video: PathBuf,
-    /// 3 s sine, 16 kHz mono PCM.
-    audio: PathBuf,
-}
-
-fn ffmpeg(args: &[&str], out: &Path) {
-    let tmp = out.with_extension(format!("tmp{}.{}", std::process::id(), out.extension().unwrap().to_str().unwrap()));
-    let st = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).arg(&tmp).status().expect("run ffmpeg (install ffmpeg)");
-    assert!(st.success(), "ffmpeg {args:?} failed: {st}");
-    std::fs::rename(&tmp, out).unwrap();
-}
-
-fn media() -> &'static Media {
-    static MEDIA: OnceLock<Media> = OnceLock::new();
-    MEDIA.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openapi_media");
-        std::fs::create_dir_all(&dir).unwrap();
-        let video = dir.join("v.mp4");
-        let audio = dir.join("a.wav");
-        if !video.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"], &video);
-        }
-        if !audio.exists() {
-            ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-ar", "16000", "-ac", "1"], &audio);
-        }
-        Media { video, audio }
-    })
-}
-
-fn file_part(path: &Path, name: &str) -> Part {
-    Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
-}
 
 fn job_form() -> Form {
     Form::new().part("video", file_part(&media().video, "v.mp4")).part("audio", file_part(&media().audio, "a.wav"))

@@ -1,3 +1,4 @@
+pub mod media;
 pub mod otlp;
 pub mod prometheus;
 pub mod service;

@@ -1,0 +1,108 @@
+//! Test media made with real ffmpeg, shared by every test binary.
+//!
+//! Clips are named by what they are (`testsrc-128x128-25fps-2s.mp4`) and cached under
+//! `CARGO_TARGET_TMPDIR/media`, so the suite makes each one once however many binaries
+//! ask for it. Each is written under a unique temporary name and renamed into place:
+//! binaries running side by side never read half a file.
+
+// Each test binary uses only part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use reqwest::multipart::Part;
+
+/// The inputs most tests send.
+pub struct Media {
+    /// 2 s, 128×128, 25 fps H.264 (yuv420p), no audio stream.
+    pub video: PathBuf,
+    /// 3 s, 440 Hz sine, 16 kHz mono PCM.
+    pub audio: PathBuf,
+}
+
+/// The standard pair: a job on it succeeds on every backend and its output lasts 3 s.
+pub fn media() -> &'static Media {
+    static MEDIA: OnceLock<Media> = OnceLock::new();
+    MEDIA.get_or_init(|| Media { video: video(128, 128, 25, 2), audio: sine(440, 3, 16_000) })
+}
+
+/// `testsrc` at `width`×`height`, `fps`, `seconds` long: H.264, yuv420p, no audio.
+pub fn video(width: u32, height: u32, fps: u32, seconds: u32) -> PathBuf {
+    make(
+        &format!("testsrc-{width}x{height}-{fps}fps-{seconds}s.mp4"),
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc=size={width}x{height}:rate={fps}"),
+            "-t",
+            &seconds.to_string(),
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ],
+    )
+}
+
+/// A `frequency` Hz sine, `seconds` long, mono PCM WAV at `rate` Hz.
+pub fn sine(frequency: u32, seconds: u32, rate: u32) -> PathBuf {
+    make(
+        &format!("sine-{frequency}hz-{seconds}s-{rate}.wav"),
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("sine=frequency={frequency}:duration={seconds}"),
+            "-ar",
+            &rate.to_string(),
+            "-ac",
+            "1",
+        ],
+    )
+}
+
+/// A file part for a multipart form, sent under `name`.
+pub fn file_part(path: &Path, name: &str) -> Part {
+    Part::bytes(std::fs::read(path).unwrap()).file_name(name.to_string())
+}
+
+/// The container duration ffprobe reports, in seconds.
+pub fn duration(path: &Path) -> f64 {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("run ffprobe (install ffmpeg)");
+    assert!(out.status.success(), "ffprobe {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().unwrap_or_else(|e| panic!("ffprobe {}: duration {text:?}: {e}", path.display()))
+}
+
+/// Runs ffmpeg with `args` into the cache as `name`, unless it is there already.
+fn make(name: &str, args: &[&str]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("media");
+    let out = dir.join(name);
+    if out.exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    // Unique per process and per call, with the real extension last so ffmpeg picks the
+    // container from it.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(".tmp-{}-{}-{name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .arg(&tmp)
+        .status()
+        .expect("run ffmpeg (install ffmpeg)");
+    assert!(status.success(), "ffmpeg {args:?} failed: {status}");
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
