@@ -369,6 +369,11 @@ impl Config {
         self.data_dir.join("jobs")
     }
 
+    /// `data/avatars/{id}/`: source video, the engine's material, `avatar.json`.
+    pub fn avatars_dir(&self) -> PathBuf {
+        self.data_dir.join("avatars")
+    }
+
     /// A path under the MuseTalk dir, unless already absolute.
     pub fn musetalk_path(&self, p: &str) -> Option<PathBuf> {
         let root = self.musetalk_dir.as_deref()?;

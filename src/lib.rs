@@ -66,6 +66,10 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     if stale > 0 {
         tracing::info!(dirs = stale, "removed job directories left by an earlier run");
     }
+    let restored = jobs.avatars.restore(&config.avatars_dir());
+    if restored != jobs::avatars::Restored::default() {
+        tracing::info!(ready = restored.ready, failed = restored.failed, removed = restored.removed, "restored the avatars of an earlier run");
+    }
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
     let state = AppState {
         jobs: jobs.clone(),

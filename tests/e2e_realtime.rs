@@ -287,6 +287,56 @@ async fn worker_error_keeps_the_worker_and_shutdown_leaves_no_process() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_avatars_survive_a_restart_and_speak_again() {
+    let state = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let svc = with_workers("ok", state.path(), &[]).data_dir(data.path()).start().await;
+    svc.wait_ready().await;
+    let (status, v) = prepare(&svc, "rita").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let prepare_job = v["job_id"].as_str().unwrap().to_string();
+    let before = wait_avatar(&svc, "rita").await;
+    assert_eq!((&before["state"], &before["restored"]), (&Value::from("ready"), &Value::from(false)), "{before}");
+    svc.sigterm();
+    assert!(svc.wait_exit(Duration::from_secs(20)).await.success(), "{}", svc.logs());
+
+    // The same engine on the same data dir: the avatar is ready at once, no new preparation.
+    let svc = with_workers("ok", state.path(), &[]).data_dir(data.path()).start().await;
+    svc.wait_ready().await;
+    let (status, after) = json_of(svc.get("/v1/avatars/rita").await).await;
+    assert_eq!(status, StatusCode::OK, "{after}\n{}", svc.logs());
+    assert_eq!((&after["state"], &after["restored"]), (&Value::from("ready"), &Value::from(true)), "{after}");
+    for field in ["prepare_job_id", "created_at", "video_seconds", "video_frames", "width", "height"] {
+        assert_eq!(after[field], before[field], "{field} survives the restart");
+    }
+    assert_eq!(after["prepare_job_id"], prepare_job.as_str());
+    assert!(svc.logs().contains("restored the avatars of an earlier run"), "{}", svc.logs());
+    let (status, v) = speak(&svc, "rita").await;
+    assert_eq!(status, StatusCode::OK, "a restored avatar speaks with the material on disk: {v}\n{}", svc.logs());
+    let out = download(&svc, v["output_url"].as_str().unwrap()).await;
+    assert!((common::media::duration(&out) - 2.0).abs() <= 0.05);
+    svc.sigterm();
+    assert!(svc.wait_exit(Duration::from_secs(20)).await.success(), "{}", svc.logs());
+
+    // Another engine (preview) cannot use the worker's material: listed as failed, with
+    // why and what to do; its files are kept.
+    let svc = ServiceBuilder::new().data_dir(data.path()).start().await;
+    svc.wait_ready().await;
+    let (_, other) = json_of(svc.get("/v1/avatars/rita").await).await;
+    assert_eq!(other["state"], "failed", "{other}");
+    assert!(other["error"].as_str().unwrap().contains("`worker` realtime engine"), "{other}");
+    let (status, v) = speak(&svc, "rita").await;
+    assert_eq!((status, v["error"].as_str()), (StatusCode::CONFLICT, Some("avatar_failed")), "{v}");
+    assert!(data.path().join("avatars/rita/avatar.json").is_file());
+    // DELETE removes it, files and all, and the id can be prepared again.
+    assert_eq!(svc.client().delete(svc.url("/v1/avatars/rita")).send().await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert!(!data.path().join("avatars/rita").exists());
+    let (status, v) = prepare(&svc, "rita").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(wait_avatar(&svc, "rita").await["state"], "ready");
+}
+
 /// Children of the service process (the workers).
 fn worker_pids(service: u32) -> Vec<i32> {
     let mut out = Vec::new();

@@ -172,7 +172,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
         return Err(reject(&st, &job, &span, e.into()));
     }
     // The avatar's home: data/avatars/{id}/source.{ext} (+ material/ from the engine).
-    let dir = st.config.data_dir.join("avatars").join(&id);
+    let dir = st.config.avatars_dir().join(&id);
     let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
     let source = dir.join(format!("source.{ext}"));
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&upload, &source)) {

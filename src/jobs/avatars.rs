@@ -1,15 +1,19 @@
 //! Avatars for realtime mode: a validated source video plus the engine's prepared material.
+//!
+//! Preparing an avatar costs minutes on a GPU, so avatars outlive the process: each
+//! one's `avatar.json` manifest is rewritten on every state change, and a restarted
+//! service serves the ready ones again (the engines read their material from disk).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pipeline::MediaInfo;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AvatarState {
     Preparing,
@@ -28,7 +32,29 @@ pub struct Avatar {
     pub created: SystemTime,
     /// The job that prepares it (its progress and report).
     pub prepare_job: String,
+    /// The realtime engine whose material this is (`preview`, `worker`).
+    pub engine: String,
+    /// Loaded from its manifest at start: the preparation job belonged to an earlier run.
+    pub restored: bool,
     state: Mutex<(AvatarState, Option<String>)>,
+}
+
+/// The file in an avatar's dir that lets a restarted service serve it again.
+const MANIFEST: &str = "avatar.json";
+
+/// `data/avatars/{id}/avatar.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    avatar_id: String,
+    engine: String,
+    /// The source video's file name, inside the avatar's dir.
+    video: String,
+    video_info: MediaInfo,
+    bbox_shift: Option<i32>,
+    created_unix_ms: u64,
+    prepare_job_id: String,
+    state: AvatarState,
+    error: Option<String>,
 }
 
 /// What `GET /v1/avatars` lists.
@@ -38,6 +64,9 @@ pub struct AvatarInfo {
     pub state: AvatarState,
     pub error: Option<String>,
     pub prepare_job_id: String,
+    /// True when the avatar was loaded from disk at start: its preparation job (and
+    /// report) belonged to an earlier run and is gone; its trace, if exported, is not.
+    pub restored: bool,
     pub created_at: String,
     pub video_seconds: f64,
     pub video_frames: Option<u64>,
@@ -54,8 +83,32 @@ impl Avatar {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
+    /// Sets the state and records it in the manifest (best effort: a manifest that
+    /// cannot be written costs the avatar at the next restart, not now).
     pub fn set_state(&self, s: AvatarState, error: Option<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (s, error);
+        if let Err(e) = self.persist() {
+            tracing::warn!(avatar = %self.id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
+        }
+    }
+
+    /// Writes `avatar.json` whole or not at all (temporary file, then rename).
+    fn persist(&self) -> std::io::Result<()> {
+        let (state, error) = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let manifest = Manifest {
+            avatar_id: self.id.clone(),
+            engine: self.engine.clone(),
+            video: self.video.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            video_info: self.video_info.clone(),
+            bbox_shift: self.bbox_shift,
+            created_unix_ms: self.created.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            prepare_job_id: self.prepare_job.clone(),
+            state,
+            error,
+        };
+        let tmp = self.dir.join(format!(".{MANIFEST}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, self.dir.join(MANIFEST))
     }
 
     pub fn info(&self) -> AvatarInfo {
@@ -65,6 +118,7 @@ impl Avatar {
             state,
             error,
             prepare_job_id: self.prepare_job.clone(),
+            restored: self.restored,
             created_at: humantime::format_rfc3339_millis(self.created).to_string(),
             video_seconds: self.video_info.duration_secs,
             video_frames: self.video_info.frames,
@@ -89,13 +143,98 @@ pub enum AvatarError {
 
 /// Avatars by id. Reservation happens before the upload, so two requests for one id
 /// cannot both win.
-#[derive(Default)]
 pub struct AvatarStore {
+    /// The realtime engine of this run: material of another engine is not served.
+    engine: String,
     map: Mutex<HashMap<String, Arc<Avatar>>>,
     reserved: Mutex<std::collections::HashSet<String>>,
 }
 
+/// What [`AvatarStore::restore`] found under `data/avatars`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Restored {
+    /// Served again as `ready`.
+    pub ready: usize,
+    /// Listed as `failed` (their own failure, an interrupted preparation, a missing
+    /// source video, another engine's material): the user decides, nothing is deleted.
+    pub failed: usize,
+    /// Dirs without a readable manifest (a crash between creating the dir and writing
+    /// it): nothing can be served from them, so they are removed.
+    pub removed: usize,
+}
+
 impl AvatarStore {
+    pub fn new(engine: &str) -> AvatarStore {
+        AvatarStore { engine: engine.to_string(), map: Mutex::default(), reserved: Mutex::default() }
+    }
+
+    /// Loads the avatars an earlier run left under `root` (`data/avatars`).
+    pub fn restore(&self, root: &Path) -> Restored {
+        let mut found = Restored::default();
+        let Ok(entries) = std::fs::read_dir(root) else { return found };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let manifest = std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let m = match manifest {
+                Ok(m) if m.avatar_id == name => m,
+                Ok(m) => {
+                    tracing::warn!(dir = %dir.display(), "avatar manifest names `{}`, not its dir: left alone", m.avatar_id);
+                    continue;
+                }
+                Err(why) => {
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => found.removed += 1,
+                        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove an avatar dir without a manifest: {e}"),
+                    }
+                    tracing::warn!(avatar = %name, "removed an avatar dir left without a readable manifest ({why})");
+                    continue;
+                }
+            };
+            let video = dir.join(&m.video);
+            let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
+                Some((format!("its source video `{}` is missing", m.video), false))
+            } else {
+                match m.state {
+                    AvatarState::Ready if m.engine == self.engine => None,
+                    // Kept as `ready` on disk: the same engine serves it again later.
+                    AvatarState::Ready => Some((format!("prepared by the `{}` realtime engine, and this service runs `{}`", m.engine, self.engine), false)),
+                    AvatarState::Preparing => Some(("its preparation was interrupted by a restart".to_string(), true)),
+                    AvatarState::Failed => Some((m.error.clone().unwrap_or_else(|| "preparation failed".into()), false)),
+                }
+            };
+            let avatar = Arc::new(Avatar {
+                id: m.avatar_id.clone(),
+                dir,
+                video,
+                video_info: m.video_info,
+                bbox_shift: m.bbox_shift,
+                created: UNIX_EPOCH + Duration::from_millis(m.created_unix_ms),
+                prepare_job: m.prepare_job_id,
+                engine: m.engine,
+                restored: true,
+                state: Mutex::new((AvatarState::Ready, None)),
+            });
+            match failure {
+                None => found.ready += 1,
+                Some((why, record)) => {
+                    found.failed += 1;
+                    tracing::warn!(avatar = %avatar.id, "restored avatar cannot speak: {why}");
+                    if record {
+                        avatar.set_state(AvatarState::Failed, Some(why));
+                    } else {
+                        *avatar.state.lock().unwrap_or_else(|e| e.into_inner()) = (AvatarState::Failed, Some(why));
+                    }
+                }
+            }
+            self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(avatar.id.clone(), avatar);
+        }
+        found
+    }
+
     /// Reserves `id` while its video uploads. `Err` if it exists or is being uploaded.
     pub fn reserve(&self, id: &str) -> Result<(), AvatarError> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,8 +260,13 @@ impl AvatarStore {
             bbox_shift,
             created: SystemTime::now(),
             prepare_job,
+            engine: self.engine.clone(),
+            restored: false,
             state: Mutex::new((AvatarState::Preparing, None)),
         });
+        if let Err(e) = a.persist() {
+            tracing::warn!(avatar = id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
+        }
         self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), a.clone());
         self.unreserve(id);
         a
@@ -174,7 +318,8 @@ mod tests {
     #[test]
     fn lifecycle_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
-        let s = AvatarStore::default();
+        let s = AvatarStore::new("preview");
+        std::fs::create_dir_all(dir.path().join("alice")).unwrap();
         s.reserve("alice").unwrap();
         assert!(matches!(s.reserve("alice"), Err(AvatarError::Exists(_))), "a second upload for the same id is refused");
         let a = s.insert("alice", dir.path().join("alice"), dir.path().join("alice/source.mp4"), MediaInfo::default(), None, "job1".into());
@@ -191,5 +336,64 @@ mod tests {
         s.reserve("bob").unwrap();
         s.unreserve("bob");
         s.reserve("bob").unwrap();
+    }
+
+    /// An avatar prepared by `engine` in a fresh store over `root`, left in `state`.
+    fn prepared(root: &Path, id: &str, engine: &str, state: AvatarState, error: Option<&str>) {
+        let s = AvatarStore::new(engine);
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("source.mp4"), b"video").unwrap();
+        let info = MediaInfo { duration_secs: 2.0, has_video: true, width: Some(128), ..MediaInfo::default() };
+        let a = s.insert(id, dir.clone(), dir.join("source.mp4"), info, Some(-3), format!("job-{id}"));
+        if state != AvatarState::Preparing {
+            a.set_state(state, error.map(str::to_string));
+        }
+    }
+
+    #[test]
+    fn restore_serves_ready_avatars_again_and_explains_the_others() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        prepared(root, "ready", "worker", AvatarState::Ready, None);
+        prepared(root, "other", "preview", AvatarState::Ready, None);
+        prepared(root, "cut", "worker", AvatarState::Preparing, None);
+        prepared(root, "failed", "worker", AvatarState::Failed, Some("face_detection: no face"));
+        prepared(root, "novideo", "worker", AvatarState::Ready, None);
+        std::fs::remove_file(root.join("novideo/source.mp4")).unwrap();
+        std::fs::create_dir_all(root.join("nomanifest/material")).unwrap();
+        std::fs::create_dir_all(root.join("garbled")).unwrap();
+        std::fs::write(root.join("garbled").join(MANIFEST), b"{not json").unwrap();
+
+        let s = AvatarStore::new("worker");
+        assert_eq!(s.restore(root), Restored { ready: 1, failed: 4, removed: 2 });
+        assert!(!root.join("nomanifest").exists() && !root.join("garbled").exists(), "dirs without a manifest are removed");
+
+        let a = s.ready("ready").expect("a ready avatar of this engine speaks again");
+        let info = a.info();
+        assert!(info.restored);
+        assert_eq!((info.prepare_job_id.as_str(), a.bbox_shift, info.video_seconds, info.width), ("job-ready", Some(-3), 2.0, Some(128)));
+        assert_eq!(a.video, root.join("ready/source.mp4"));
+
+        let why = |id: &str| match s.ready(id) {
+            Err(AvatarError::Failed { why, .. }) => why,
+            other => panic!("{id}: {other:?}"),
+        };
+        assert!(why("other").contains("`preview` realtime engine"), "{}", why("other"));
+        assert!(why("cut").contains("interrupted"));
+        assert_eq!(why("failed"), "face_detection: no face");
+        assert!(why("novideo").contains("missing"));
+
+        // On disk: the interruption is recorded; another engine's avatar stays ready for it.
+        let state_on_disk = |id: &str| serde_json::from_slice::<Manifest>(&std::fs::read(root.join(id).join(MANIFEST)).unwrap()).unwrap().state;
+        assert_eq!(state_on_disk("cut"), AvatarState::Failed);
+        assert_eq!(state_on_disk("other"), AvatarState::Ready);
+        let back = AvatarStore::new("preview");
+        back.restore(root);
+        assert!(back.ready("other").is_ok(), "the preview engine serves its avatar again");
+
+        // A restored avatar is removed like any other, files and all.
+        s.remove("ready").unwrap();
+        assert!(!root.join("ready").exists());
     }
 }

@@ -328,6 +328,7 @@ pub struct JobManager {
 
 impl JobManager {
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<Self> {
+        let avatars = avatars::AvatarStore::new(realtime.name());
         let m = Arc::new(JobManager {
             slots: Arc::new(Semaphore::new(config.max_concurrent_jobs)),
             config,
@@ -335,7 +336,7 @@ impl JobManager {
             metrics,
             collector,
             realtime,
-            avatars: avatars::AvatarStore::default(),
+            avatars,
             jobs: Mutex::default(),
             queued: Default::default(),
             running: Default::default(),
