@@ -247,6 +247,7 @@ pub struct Metrics {
     pub queue_wait: Family<ModeLabels, Histogram, HistCtor>,
     pub jobs_in_flight: Family<ModeLabels, Gauge>,
     pub jobs_queued: Family<ModeLabels, Gauge>,
+    pub jobs_capacity: Family<ModeLabels, Gauge>,
     pub input_size: Family<InputLabels, Histogram, HistCtor>,
     pub output_size: Family<ModeLabels, Histogram, HistCtor>,
     pub output_input_ratio: Family<ModeLabels, Histogram, HistCtor>,
@@ -299,6 +300,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(hist(JOB_BUCKETS)),
             jobs_in_flight: Family::default(),
             jobs_queued: Family::default(),
+            jobs_capacity: Family::default(),
             input_size: Family::new_with_constructor(hist(SIZE_BUCKETS)),
             output_size: Family::new_with_constructor(hist(SIZE_BUCKETS)),
             output_input_ratio: Family::new_with_constructor(hist(RATIO_BUCKETS)),
@@ -330,6 +332,7 @@ impl Metrics {
         r.register_with_unit("musetalk_queue_wait", "Time a job waited for a run slot.", Unit::Seconds, m.queue_wait.clone());
         r.register("musetalk_jobs_in_flight", "Jobs running now.", m.jobs_in_flight.clone());
         r.register("musetalk_jobs_queued", "Jobs waiting for a run slot now.", m.jobs_queued.clone());
+        r.register("musetalk_jobs_capacity", "Jobs admitted at most at once (run slots + --queue-size); beyond it requests get 429.", m.jobs_capacity.clone());
         r.register_with_unit("musetalk_input_size", "Uploaded input file sizes.", Unit::Bytes, m.input_size.clone());
         r.register_with_unit("musetalk_output_size", "Output video sizes.", Unit::Bytes, m.output_size.clone());
         r.register_with_unit("musetalk_output_input_size", "Output size divided by total input size.", ratio(), m.output_input_ratio.clone());

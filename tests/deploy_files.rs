@@ -868,6 +868,7 @@ fn promtool_checks_config_rules_and_rule_unit_tests() {
         "MuseTalkJobErrorRatioHigh",
         "MuseTalkStepP95Regression",
         "MuseTalkQueueSaturated",
+        "MuseTalkQueueNearlyFull",
         "MuseTalkCollectorSourceDown",
         "MuseTalkWorkerRestarting",
     ] {

@@ -575,6 +575,11 @@ async fn full_queue_answers_429_and_queued_jobs_all_run() {
     let (_, body) = json_of(r).await;
     assert_eq!(body["error"], "queue_full", "{body}");
     assert!(body["detail"].is_string(), "{body}");
+    // The bound just hit is published: 1 run slot + 2 queue places, all taken.
+    let full = metrics_text(&svc).await;
+    let admitted = |family: &str| sample(&full, &format!(r#"{family}{{mode="simple"}}"#)).unwrap_or_else(|| panic!("no {family}:\n{full}"));
+    assert_eq!(admitted("musetalk_jobs_capacity"), 3.0);
+    assert_eq!(admitted("musetalk_jobs_in_flight") + admitted("musetalk_jobs_queued"), 3.0, "{full}");
 
     // Meanwhile only one runs at a time.
     let states: Vec<String> = {

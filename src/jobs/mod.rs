@@ -354,9 +354,15 @@ impl JobManager {
         entries.flatten().filter(|e| e.path().is_dir() && std::fs::remove_dir_all(e.path()).is_ok()).count()
     }
 
+    /// Run slots of a mode: `--max-concurrent-jobs` for simple jobs, one per realtime worker.
+    fn slots(&self, mode: usize) -> usize {
+        if mode == 0 { self.config.max_concurrent_jobs } else { self.config.realtime_gpus.len().max(1) }
+    }
+
     fn publish_queue(&self) {
         for (i, mode) in MODES.iter().enumerate() {
             let l = ModeLabels { mode };
+            self.metrics.jobs_capacity.get_or_create(&l).set((self.slots(i) + self.config.queue_size) as i64);
             self.metrics.jobs_queued.get_or_create(&l).set(self.queued[i].load(Ordering::Acquire) as i64);
             self.metrics.jobs_in_flight.get_or_create(&l).set(self.running[i].load(Ordering::Acquire) as i64);
         }
@@ -368,7 +374,7 @@ impl JobManager {
             return Err(JobError::Draining);
         }
         let i = mode_index(mode);
-        let slots = if i == 0 { self.config.max_concurrent_jobs } else { self.config.realtime_gpus.len().max(1) };
+        let slots = self.slots(i);
         let running = self.running[i].load(Ordering::Acquire);
         let limit = self.config.queue_size + slots.saturating_sub(running);
         let mut cur = self.queued[i].load(Ordering::Acquire);
