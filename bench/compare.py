@@ -590,7 +590,7 @@ def request_path(tmp, media_body, rounds, jobs_per_round, uploads, a_wav):
     rows = [f"| part of a job (ms; {rounds} rounds × {jobs_per_round} jobs) | p50: median of rounds [min–max] | p99 of all {n} |", "|---|---|---|"]
     for k, label in (("client", "client-side latency (request to full JSON answer)"), ("total", "job total (the report's `total_seconds`)"),
                      ("pipeline", "pipeline (`subprocess_execution`: spawn, `cp`, wait)"), ("rest", "everything but the pipeline"),
-                     ("fp", "– `file_processing` (upload + 2 ffprobe in parallel)"), ("od", "– `output_discovery` (1 ffprobe of the output)"),
+                     ("fp", "– `file_processing` (upload + 2 ffprobe, each decoding the start of its stream, in parallel)"), ("od", "– `output_discovery` (1 ffprobe of the output)"),
                      ("orch", "– **orchestration proper** (queue, config, spawn/wait bookkeeping, report)")):
         rows.append(f"| {label} | {mm(parts[k]['p50'], '{:.2f}')} | {pct(parts[k]['all'], 0.99):.2f} |")
     orch, rest = med(parts["orch"]["p50"]), med(parts["rest"]["p50"])

@@ -72,7 +72,7 @@ def main():
                 steps = {s["name"]: s["seconds"] for s in r["steps"]}
                 total = r["total_seconds"]
                 pipe = steps["subprocess_execution"]
-                # The probes: 2 ffprobe runs (inputs, in parallel) in file_processing, 1 on the output.
+                # The probes: 2 ffprobe runs (inputs, in parallel, each decoding the start of its stream) in file_processing, 1 on the output.
                 totals.append(total * 1e3)
                 pipeline.append(pipe * 1e3)
                 overhead.append((total - pipe) * 1e3)

@@ -237,18 +237,16 @@ pub(super) fn prefers_async(headers: &HeaderMap) -> bool {
     headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")))
 }
 
-/// ffprobe of an uploaded part: a 400 naming the part when it is not media.
+/// ffprobe of an uploaded part, decoding the start of the stream the job will use: a 400
+/// naming the part when it is not media or does not decode.
 pub(super) async fn probe_part(st: &AppState, part: &str, path: &Path) -> Result<crate::pipeline::MediaInfo, ApiError> {
     let code = if part == "video" { "invalid_video" } else { "invalid_audio" };
-    let info = media::probe(&st.config.ffprobe, path).await.map_err(|e| match e {
+    let is_video = part == "video";
+    let info = media::probe_decoding(&st.config.ffprobe, path, is_video).await.map_err(|e| match e {
         ProbeError::Unreadable(why) => ApiError::bad_request(code, format!("the `{part}` part is not a readable media file: {why}")),
+        ProbeError::Undecodable(why) => ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")),
         other => ApiError::internal(format!("probing the `{part}` part: {other}")),
     })?;
-    // The stream the job will use must also decode (headers alone can lie).
-    let is_video = part == "video";
-    if (is_video && info.has_video) || (!is_video && info.has_audio) {
-        media::decode_check(&st.config.ffmpeg, path, is_video).await.map_err(|why| ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")))?;
-    }
     if !is_video && info.has_audio && info.duration_secs < MIN_AUDIO_SECONDS {
         return Err(ApiError::bad_request(code, format!("the `{part}` part lasts {:.3} s, shorter than one video frame ({MIN_AUDIO_SECONDS} s)", info.duration_secs)));
     }
