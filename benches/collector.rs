@@ -18,7 +18,7 @@ fn spawn_tree() -> std::process::Child {
 fn sample(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     let mut sampler = Sampler::new(
-        vec![Box::new(CpuSource::new()), Box::new(MemorySource), Box::new(ProcessSource::new())],
+        vec![Box::new(CpuSource::new()), Box::new(MemorySource::new()), Box::new(ProcessSource::new())],
         metrics,
         4096,
         Duration::from_millis(500),
@@ -38,7 +38,7 @@ fn sample(c: &mut Criterion) {
 /// ~500 series: 64 CPUs, the job/step/stage histograms for both modes, HTTP routes.
 fn populated_metrics() -> Metrics {
     let m = Metrics::new();
-    let mut s = Sampler::new(vec![Box::new(CpuSource::new()), Box::new(MemorySource), Box::new(ProcessSource::new())], Arc::new(Metrics::new()), 4, Duration::from_millis(500));
+    let mut s = Sampler::new(vec![Box::new(CpuSource::new()), Box::new(MemorySource::new()), Box::new(ProcessSource::new())], Arc::new(Metrics::new()), 4, Duration::from_millis(500));
     let sample = s.sample_once();
     musetalk_sidecar::collector::publish(&m, &sample);
     for cpu in 0..64 {

@@ -38,9 +38,9 @@ fn main() {
     let mut tree = Command::new("sh").arg("-c").arg("sleep 600 & sleep 600 & sleep 600 & wait").stdin(Stdio::null()).spawn().expect("sh");
     std::thread::sleep(Duration::from_millis(200));
     let root = tree.id();
-    measure("cpu+memory+process(tree of 4)", vec![Box::new(CpuSource::new()), Box::new(MemorySource), Box::new(ProcessSource::new())], root, n);
+    measure("cpu+memory+process(tree of 4)", vec![Box::new(CpuSource::new()), Box::new(MemorySource::new()), Box::new(ProcessSource::new())], root, n);
     measure("cpu", vec![Box::new(CpuSource::new())], root, n);
-    measure("memory", vec![Box::new(MemorySource)], root, n);
+    measure("memory", vec![Box::new(MemorySource::new())], root, n);
     measure("process(tree of 4)", vec![Box::new(ProcessSource::new())], root, n);
     let _ = Command::new("pkill").arg("-P").arg(root.to_string()).status();
     let _ = tree.kill();

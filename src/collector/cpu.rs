@@ -1,42 +1,66 @@
 //! Host CPU source: busy share per logical CPU from `/proc/stat` deltas.
+//!
+//! `/proc/stat` stays open and its `cpu` lines are parsed by hand (see `procfile`): the
+//! rest of the file (interrupt counts, hundreds of numbers) is never parsed.
 
-use procfs::{CpuTime, CurrentSI, KernelStats};
-
+use super::procfile::ProcFile;
 use super::{CpuSample, Sample, Source, SourceError, SourceName, TreeRegistration};
 
+/// (busy, total) jiffies of one CPU line.
+type Jiffies = (u64, u64);
+
 /// Keeps the previous counters: utilization is a delta between two samples.
+#[derive(Default)]
 pub struct CpuSource {
-    prev: Option<(CpuTime, Vec<CpuTime>)>,
+    file: Option<ProcFile>,
+    buf: Vec<u8>,
+    /// The `cpu` line, then one per logical CPU, of the previous sample.
+    prev: Option<(Jiffies, Vec<Jiffies>)>,
 }
 
 impl CpuSource {
     pub fn new() -> Self {
-        CpuSource { prev: None }
+        CpuSource::default()
     }
 }
 
-impl Default for CpuSource {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// (busy, total) jiffies. iowait counts as idle, as `top` and node_exporter's mode="idle"+"iowait" do.
-fn busy_total(t: &CpuTime) -> (u64, u64) {
-    let idle = t.idle + t.iowait.unwrap_or(0);
-    let busy = t.user + t.nice + t.system + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0) + t.steal.unwrap_or(0);
-    (busy, busy + idle)
-}
-
-/// Busy share between two readings, 0–1; 0 when no time passed.
-pub fn utilization(prev: &CpuTime, now: &CpuTime) -> f64 {
-    share(busy_total(prev), busy_total(now))
-}
-
-/// Busy share between two (busy, total) jiffy readings.
-pub fn share((b0, t0): (u64, u64), (b1, t1): (u64, u64)) -> f64 {
+/// Busy share between two (busy, total) jiffy readings, 0–1; 0 when no time passed.
+pub fn share((b0, t0): Jiffies, (b1, t1): Jiffies) -> f64 {
     let dt = t1.saturating_sub(t0);
     if dt == 0 { 0.0 } else { (b1.saturating_sub(b0) as f64 / dt as f64).clamp(0.0, 1.0) }
+}
+
+/// The `cpu` and `cpuN` lines of `/proc/stat` as (busy, total): iowait counts as idle,
+/// as `top` and node_exporter's mode="idle"+"iowait" do; guest time is already in user.
+pub fn parse_stat(text: &[u8]) -> Option<(Jiffies, Vec<Jiffies>)> {
+    let mut total = None;
+    let mut per_cpu = Vec::new();
+    for line in text.split(|b| *b == b'\n') {
+        let Some(rest) = line.strip_prefix(b"cpu") else {
+            // The cpu lines come first; nothing after them is needed.
+            if total.is_some() {
+                break;
+            }
+            continue;
+        };
+        let line = std::str::from_utf8(rest).ok()?;
+        let mut fields = line.split_ascii_whitespace();
+        let label = if line.starts_with(' ') { "" } else { fields.next()? };
+        let v: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        // user nice system idle [iowait irq softirq steal ...]: old kernels stop at idle.
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        if v.len() < 4 {
+            return None;
+        }
+        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+        let jiffies = (busy, busy + at(3) + at(4));
+        if label.is_empty() {
+            total = Some(jiffies);
+        } else {
+            per_cpu.push(jiffies);
+        }
+    }
+    Some((total?, per_cpu))
 }
 
 impl Source for CpuSource {
@@ -45,18 +69,19 @@ impl Source for CpuSource {
     }
 
     fn collect(&mut self, sample: &mut Sample, _: &[TreeRegistration]) -> Result<(), SourceError> {
-        let stats = KernelStats::current().map_err(|e| SourceError::Failed(format!("reading /proc/stat: {e}")))?;
+        ProcFile::read_kept(&mut self.file, "/proc/stat", &mut self.buf).map_err(|e| SourceError::Failed(format!("reading /proc/stat: {e}")))?;
+        let (total, per_cpu) = parse_stat(&self.buf).ok_or_else(|| SourceError::Failed("/proc/stat has no readable cpu lines".into()))?;
         let result = match &self.prev {
             // First round: no interval yet. Report zeros rather than nothing, so the
             // series exist from the first scrape; the next sample has real figures.
-            None => CpuSample { per_cpu: vec![0.0; stats.cpu_time.len()], total: 0.0 },
+            None => CpuSample { per_cpu: vec![0.0; per_cpu.len()], total: 0.0 },
             Some((prev_total, prev_per)) => CpuSample {
-                per_cpu: stats.cpu_time.iter().zip(prev_per).map(|(now, prev)| utilization(prev, now)).collect(),
-                total: utilization(prev_total, &stats.total),
+                per_cpu: per_cpu.iter().zip(prev_per).map(|(now, prev)| share(*prev, *now)).collect(),
+                total: share(*prev_total, total),
             },
         };
         sample.cpu = Some(result);
-        self.prev = Some((stats.total, stats.cpu_time));
+        self.prev = Some((total, per_cpu));
         Ok(())
     }
 }
@@ -71,6 +96,18 @@ mod tests {
         assert_eq!(share((100, 200), (100, 200)), 0.0);
         assert_eq!(share((100, 200), (200, 300)), 1.0);
         assert_eq!(share((100, 200), (90, 300)), 0.0, "a counter going backwards is not negative use");
+    }
+
+    #[test]
+    fn parses_the_cpu_lines_only() {
+        let text = b"cpu  100 5 50 800 10 1 2 3 0 0\ncpu0 60 5 20 400 5 1 1 2 0 0\ncpu1 40 0 30 400 5 0 1 1 0 0\nintr 123 4 5\nctxt 99\n";
+        let (total, per) = parse_stat(text).unwrap();
+        assert_eq!(total, (161, 971), "busy = user+nice+system+irq+softirq+steal; idle adds iowait");
+        assert_eq!(per, vec![(89, 494), (72, 477)]);
+        // A 2.4-era kernel's four fields still parse; garbage does not.
+        assert_eq!(parse_stat(b"cpu  1 2 3 4\ncpu0 1 2 3 4\n").unwrap().0, (6, 10));
+        assert!(parse_stat(b"cpu  1 x 3 4\n").is_none());
+        assert!(parse_stat(b"intr 1\n").is_none());
     }
 
     #[test]

@@ -1,8 +1,20 @@
 //! Host memory source: `/proc/meminfo`, split the way `free(1)` splits it.
 
+use super::procfile::ProcFile;
 use super::{MemorySample, Sample, Source, SourceError, SourceName, TreeRegistration};
 
-pub struct MemorySource;
+/// Keeps `/proc/meminfo` open: each sample is one read (see `procfile`).
+#[derive(Default)]
+pub struct MemorySource {
+    file: Option<ProcFile>,
+    buf: Vec<u8>,
+}
+
+impl MemorySource {
+    pub fn new() -> MemorySource {
+        MemorySource::default()
+    }
+}
 
 /// Parses the five `/proc/meminfo` lines we publish. Hand-parsed rather than through
 /// `procfs::Meminfo` (which parses all ~50 lines into a map): this runs every sample
@@ -42,8 +54,9 @@ impl Source for MemorySource {
     }
 
     fn collect(&mut self, sample: &mut Sample, _: &[TreeRegistration]) -> Result<(), SourceError> {
-        let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| SourceError::Failed(format!("reading /proc/meminfo: {e}")))?;
-        sample.memory = Some(parse_meminfo(&text).ok_or_else(|| SourceError::Failed("/proc/meminfo lacks MemTotal/MemFree".into()))?);
+        ProcFile::read_kept(&mut self.file, "/proc/meminfo", &mut self.buf).map_err(|e| SourceError::Failed(format!("reading /proc/meminfo: {e}")))?;
+        let text = std::str::from_utf8(&self.buf).map_err(|e| SourceError::Failed(format!("/proc/meminfo is not text: {e}")))?;
+        sample.memory = Some(parse_meminfo(text).ok_or_else(|| SourceError::Failed("/proc/meminfo lacks MemTotal/MemFree".into()))?);
         Ok(())
     }
 }
@@ -62,7 +75,7 @@ mod tests {
     #[test]
     fn real_meminfo_adds_up() {
         let mut s = super::super::Sample::new(std::time::Instant::now());
-        MemorySource.collect(&mut s, &[]).unwrap();
+        MemorySource::new().collect(&mut s, &[]).unwrap();
         let m = s.memory.unwrap();
         assert!(m.total > 0);
         assert_eq!(m.used + m.free + m.buffers + m.cached, m.total);

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod memory;
 pub mod nvml;
 pub mod process;
+pub mod procfile;
 pub mod ring;
 
 use std::collections::HashMap;
@@ -249,7 +250,7 @@ impl Collector {
     pub fn default_sources() -> Vec<Box<dyn Source>> {
         vec![
             Box::new(cpu::CpuSource::new()),
-            Box::new(memory::MemorySource),
+            Box::new(memory::MemorySource::new()),
             Box::new(process::ProcessSource::new()),
             Box::new(gpu::GpuSource::new(nvml::NvmlDevices::init())),
         ]

@@ -5,14 +5,18 @@
 //! Σ(utime + stime + cutime + cstime) over the live members: when a member exits and
 //! is reaped, its time moves into its parent's `cutime`, so the sum stays continuous
 //! and short-lived children (ffmpeg runs) are still counted.
+//!
+//! The `/proc/PID/stat` (and single-threaded members' `children`) descriptors are kept
+//! open across samples and re-read (see `procfile`): a sample costs reads, not path walks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use procfs::process::{LimitValue, Process};
 
 use procfs::{CurrentSI, KernelStats};
 
+use super::procfile::ProcFile;
 use super::{Sample, Source, SourceError, SourceName, TreeRegistration, TreeSample};
 use crate::metrics::SelfProcess;
 
@@ -27,6 +31,14 @@ pub struct ProcessSource {
     prev: HashMap<u64, (u64, Instant)>,
     /// Whether this kernel has `/proc/PID/task/TID/children` (CONFIG_PROC_CHILDREN).
     children_files: bool,
+    /// Kept `/proc/PID/stat` descriptors (tree members and the sidecar), by pid.
+    stat_files: HashMap<u32, ProcFile>,
+    /// Kept `/proc/PID/task/PID/children` descriptors of single-threaded members, by pid.
+    child_files: HashMap<u32, ProcFile>,
+    /// Pids read during this sample: the kept descriptors are pruned to these, so they
+    /// stay as many as the trees have members.
+    seen: HashSet<u32>,
+    buf: Vec<u8>,
 }
 
 impl ProcessSource {
@@ -46,44 +58,87 @@ impl ProcessSource {
             max_fds,
             prev: HashMap::new(),
             children_files,
+            stat_files: HashMap::new(),
+            child_files: HashMap::new(),
+            seen: HashSet::new(),
+            buf: Vec::with_capacity(1024),
         }
     }
 
-    fn sidecar(&self) -> Result<SelfProcess, SourceError> {
-        let me = self.me.as_ref().ok_or_else(|| SourceError::Failed("/proc/self is not readable".into()))?;
-        let stat = me.stat().map_err(|e| SourceError::Failed(format!("reading /proc/self/stat: {e}")))?;
+    fn sidecar(&mut self) -> Result<SelfProcess, SourceError> {
+        let stat = self.read_stat(std::process::id()).ok_or_else(|| SourceError::Failed("/proc/self/stat is not readable".into()))?;
+        let open_fds = self.me.as_ref().and_then(|me| me.fd_count().ok()).unwrap_or(0) as u64;
         Ok(SelfProcess {
-            cpu_seconds: (stat.utime + stat.stime) as f64 / self.ticks_per_sec,
-            resident_bytes: stat.rss * self.page_size,
+            cpu_seconds: stat.own_ticks as f64 / self.ticks_per_sec,
+            resident_bytes: stat.rss_pages * self.page_size,
             virtual_bytes: stat.vsize,
-            open_fds: me.fd_count().unwrap_or(0) as u64,
+            open_fds,
             max_fds: self.max_fds,
-            threads: stat.num_threads.max(0) as u64,
-            start_time_seconds: self.boot_time + stat.starttime as f64 / self.ticks_per_sec,
+            threads: stat.threads,
+            start_time_seconds: self.boot_time + stat.start_ticks as f64 / self.ticks_per_sec,
         })
     }
 
+    /// `/proc/PID/stat` through a kept descriptor, opened on first use. A descriptor
+    /// whose process is gone fails: the pid is looked up afresh (it may be reused).
+    fn read_stat(&mut self, pid: u32) -> Option<PidStat> {
+        self.seen.insert(pid);
+        if let Some(f) = self.stat_files.get(&pid) {
+            if f.read(&mut self.buf).is_ok() {
+                return parse_stat(&self.buf);
+            }
+            self.stat_files.remove(&pid);
+        }
+        let f = ProcFile::open(format!("/proc/{pid}/stat")).ok()?;
+        f.read(&mut self.buf).ok()?;
+        self.stat_files.insert(pid, f);
+        parse_stat(&self.buf)
+    }
+
+    /// The children of a single-threaded process, through a kept descriptor.
+    fn push_children_of(&mut self, pid: u32, stack: &mut Vec<u32>) {
+        let fresh = match self.child_files.get(&pid) {
+            Some(f) if f.read(&mut self.buf).is_ok() => None,
+            _ => match ProcFile::open(format!("/proc/{pid}/task/{pid}/children")) {
+                Ok(f) if f.read(&mut self.buf).is_ok() => Some(f),
+                _ => {
+                    self.child_files.remove(&pid);
+                    return;
+                }
+            },
+        };
+        if let Some(f) = fresh {
+            self.child_files.insert(pid, f);
+        }
+        push_pids(&self.buf, stack);
+    }
+
     /// Root and all descendants with their stat figures, root first. Empty once the root is gone.
-    fn walk(&self, root: u32) -> Vec<(u32, PidStat)> {
+    fn walk(&mut self, root: u32) -> Vec<(u32, PidStat)> {
         let mut out: Vec<(u32, PidStat)> = Vec::new();
         let mut stack = vec![root];
-        let mut buf = String::with_capacity(512);
         while let Some(pid) = stack.pop() {
             // A pid is listed twice only in a race with reparenting; keep it once.
             if out.iter().any(|(p, _)| *p == pid) {
                 continue;
             }
             // A member may exit between the walk and this read: skip it, its time is in its parent.
-            let Some(st) = read_stat(pid, &mut buf) else { continue };
+            let Some(st) = self.read_stat(pid) else { continue };
             out.push((pid, st));
             if self.children_files {
                 if st.threads <= 1 {
                     // Single-threaded (ffmpeg, shells): one file, no directory listing.
-                    push_children(&format!("/proc/{pid}/task/{pid}/children"), &mut stack, &mut buf);
+                    self.push_children_of(pid, &mut stack);
                 } else if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
                     // Any thread may have forked (Python's subprocess from a worker thread).
+                    // Threads come and go: these are opened afresh each time, not kept.
                     for task in tasks.flatten() {
-                        push_children(&format!("/proc/{pid}/task/{}/children", task.file_name().to_string_lossy()), &mut stack, &mut buf);
+                        let path = format!("/proc/{pid}/task/{}/children", task.file_name().to_string_lossy());
+                        if let Ok(f) = ProcFile::open(&path)
+                            && f.read(&mut self.buf).is_ok()
+                        {
+                            push_pids(&self.buf, &mut stack);
+                        }
                     }
                 }
             } else if let Ok(all) = procfs::process::all_processes() {
@@ -101,7 +156,7 @@ impl ProcessSource {
     }
 
     /// Root and all descendants (pids), root first. Empty once the root is gone.
-    pub fn tree_pids(&self, root: u32) -> Vec<u32> {
+    pub fn tree_pids(&mut self, root: u32) -> Vec<u32> {
         self.walk(root).into_iter().map(|(p, _)| p).collect()
     }
 
@@ -122,45 +177,38 @@ impl ProcessSource {
     }
 }
 
-/// The figures of `/proc/PID/stat` a tree sample needs.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The figures of `/proc/PID/stat` a sample needs. Parsed by hand rather than through
+/// `procfs::Process`, because this runs for every tree member every sample and the
+/// full parse cost a large share of DESIGN.md §9's CPU budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct PidStat {
     /// utime + stime + cutime + cstime, in clock ticks.
     ticks: u64,
+    /// utime + stime: the process itself, without its reaped children.
+    own_ticks: u64,
     rss_pages: u64,
     threads: u64,
+    /// Start time, in clock ticks after boot.
+    start_ticks: u64,
+    vsize: u64,
 }
 
-/// Reads and parses `/proc/PID/stat` into `buf` (reused across calls). Parsed here
-/// rather than through `procfs::Process` because this runs for every tree member
-/// every sample: one open+read instead of four syscalls and a full parse keeps a
-/// sample inside DESIGN.md §9's CPU budget.
-fn read_stat(pid: u32, buf: &mut String) -> Option<PidStat> {
-    use std::io::Read;
-    buf.clear();
-    std::fs::File::open(format!("/proc/{pid}/stat")).ok()?.read_to_string(buf).ok()?;
-    parse_stat(buf)
-}
-
-/// Fields after the `comm` (which may contain spaces and parentheses: split after the last `)`).
-fn parse_stat(text: &str) -> Option<PidStat> {
-    let rest = &text[text.rfind(')')? + 1..];
+/// Fields after the `comm` (which may contain spaces, parentheses and bytes that are not
+/// UTF-8: split after the last `)`).
+fn parse_stat(text: &[u8]) -> Option<PidStat> {
+    let rest = std::str::from_utf8(&text[text.iter().rposition(|b| *b == b')')? + 1..]).ok()?;
     // rest: " S ppid pgrp ..." → field 3 (state) is index 0 here.
     let f: Vec<&str> = rest.split_ascii_whitespace().take(22).collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok());
-    // utime 14, stime 15, cutime 16, cstime 17, num_threads 20, rss 24 (1-based in proc(5)).
-    let ticks = [n(11)?, n(12)?, n(13)?, n(14)?].iter().map(|v| (*v).max(0) as u64).sum();
-    Some(PidStat { ticks, threads: n(17)?.max(0) as u64, rss_pages: n(21)?.max(0) as u64 })
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok()).map(|v| v.max(0) as u64);
+    // utime 14, stime 15, cutime 16, cstime 17, num_threads 20, starttime 22, vsize 23,
+    // rss 24 (1-based in proc(5)).
+    let own_ticks = n(11)? + n(12)?;
+    Some(PidStat { ticks: own_ticks + n(13)? + n(14)?, own_ticks, threads: n(17)?, start_ticks: n(19)?, vsize: n(20)?, rss_pages: n(21)? })
 }
 
-fn push_children(path: &str, stack: &mut Vec<u32>, buf: &mut String) {
-    use std::io::Read;
-    buf.clear();
-    if let Ok(mut f) = std::fs::File::open(path)
-        && f.read_to_string(buf).is_ok()
-    {
-        stack.extend(buf.split_ascii_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-    }
+/// The pids of a `children` file.
+fn push_pids(text: &[u8], stack: &mut Vec<u32>) {
+    stack.extend(text.split(|b| b.is_ascii_whitespace()).filter_map(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok()));
 }
 
 impl Default for ProcessSource {
@@ -179,7 +227,14 @@ impl Source for ProcessSource {
         sample.trees = trees.iter().map(|reg| self.tree(reg, now)).collect();
         // Forget trees that were unregistered, so `prev` stays bounded.
         self.prev.retain(|k, _| trees.iter().any(|t| t.key == *k));
-        sample.sidecar = Some(self.sidecar()?);
+        let sidecar = self.sidecar();
+        // Keep descriptors only for processes read in this sample.
+        let seen = std::mem::take(&mut self.seen);
+        self.stat_files.retain(|pid, _| seen.contains(pid));
+        self.child_files.retain(|pid, _| seen.contains(pid));
+        self.seen = seen;
+        self.seen.clear();
+        sample.sidecar = Some(sidecar?);
         Ok(())
     }
 }
@@ -192,17 +247,20 @@ mod tests {
 
     #[test]
     fn stat_parsing_handles_odd_command_names() {
-        let line = "1234 (we (ird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 3 2 1 20 0 5 0 12345 1000000 250 18446744073709551615";
-        assert_eq!(parse_stat(line), Some(PidStat { ticks: 13, rss_pages: 250, threads: 5 }));
-        assert_eq!(parse_stat("garbage"), None);
-        let mut buf = String::new();
-        let me = read_stat(std::process::id(), &mut buf).unwrap();
-        assert!(me.rss_pages > 0 && me.threads >= 1);
+        let line = b"1234 (we (ird) \xff name) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 3 2 1 20 0 5 0 12345 1000000 250 18446744073709551615";
+        assert_eq!(parse_stat(line), Some(PidStat { ticks: 13, own_ticks: 10, rss_pages: 250, threads: 5, start_ticks: 12345, vsize: 1_000_000 }));
+        assert_eq!(parse_stat(b"garbage"), None);
+        assert_eq!(parse_stat(b"1 (x) S 1 2"), None, "cut short");
+        let mut src = ProcessSource::new();
+        let me = src.read_stat(std::process::id()).unwrap();
+        assert!(me.rss_pages > 0 && me.threads >= 1 && me.vsize > 0);
+        let again = src.read_stat(std::process::id()).unwrap();
+        assert_eq!(again.start_ticks, me.start_ticks, "the kept descriptor reads the same process");
     }
 
     #[test]
     fn sidecar_figures_are_plausible() {
-        let src = ProcessSource::new();
+        let mut src = ProcessSource::new();
         let p = src.sidecar().unwrap();
         assert!(p.resident_bytes > 0 && p.threads >= 1 && p.open_fds >= 3);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
