@@ -678,6 +678,11 @@ async fn bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
     for (code, form) in cases {
         expect_error(&svc, submit(&svc, form, false).await, bad, code).await;
     }
+    // A refusal before the body was read to its end says `Connection: close` (the rest of
+    // the upload is still on that connection: reusing it made the next request fail).
+    let r = submit(&svc, Form::new().part("video", video()).part("video", video()).part("audio", audio()), false).await;
+    assert_eq!(r.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"), "{:?}", r.headers());
+    expect_error(&svc, r, bad, "duplicate_part").await;
     let r = svc.client().post(svc.url("/v1/inference")).header("content-type", "application/json").body(r#"{"video":"v.mp4"}"#).send().await.unwrap();
     expect_error(&svc, r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart").await;
     expect_error(&svc, svc.get("/v1/jobs/nope").await, StatusCode::NOT_FOUND, "job_not_found").await;
@@ -685,7 +690,9 @@ async fn bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
     expect_error(&svc, r, StatusCode::NOT_FOUND, "job_not_found").await;
 
     // Rejected uploads hold no queue place: a good job still runs, and it cannot be cancelled once done.
-    let (status, body) = json_of(submit(&svc, good_form(), false).await).await;
+    let r = submit(&svc, good_form(), false).await;
+    assert_eq!(r.headers().get("connection"), None, "an upload read whole keeps the connection");
+    let (status, body) = json_of(r).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let id = body["job_id"].as_str().unwrap();
     let (status, body) = json_of(svc.client().delete(svc.url(&format!("/v1/jobs/{id}"))).send().await.unwrap()).await;

@@ -9,6 +9,7 @@ pub mod avatars;
 pub mod error;
 pub mod jobs;
 pub mod openapi;
+pub mod unread;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,11 +201,13 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// The one middleware stack: every request gets a server span and a duration
-/// observation; a panicking handler becomes a JSON 500 and the service keeps running.
+/// observation; an answer given before the request body was read to its end says
+/// `Connection: close`; a panicking handler becomes a JSON 500 and the service keeps running.
 fn with_stack(router: Router, state: AppState) -> Router {
     router.layer(
         ServiceBuilder::new()
             .layer(middleware::from_fn_with_state(state, http_telemetry))
+            .layer(middleware::from_fn(unread::close_if_body_unread))
             .layer(CatchPanicLayer::custom(panic_response)),
     )
 }
