@@ -53,11 +53,8 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        // These are answered before an upload body is read: closing the connection keeps
-        // a client from reusing it with the unread body still on the wire.
-        if matches!(self.status, StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT) {
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        // `Connection: close` for refusals that leave an upload unread comes from the
+        // `unread` middleware, which sees whether the body was read, whatever the status.
         resp
     }
 }
