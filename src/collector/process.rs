@@ -83,34 +83,15 @@ impl ProcessSource {
     /// whose process is gone fails: the pid is looked up afresh (it may be reused).
     fn read_stat(&mut self, pid: u32) -> Option<PidStat> {
         self.seen.insert(pid);
-        if let Some(f) = self.stat_files.get(&pid) {
-            if f.read(&mut self.buf).is_ok() {
-                return parse_stat(&self.buf);
-            }
-            self.stat_files.remove(&pid);
-        }
-        let f = ProcFile::open(format!("/proc/{pid}/stat")).ok()?;
-        f.read(&mut self.buf).ok()?;
-        self.stat_files.insert(pid, f);
+        ProcFile::read_keyed(&mut self.stat_files, pid, || format!("/proc/{pid}/stat"), &mut self.buf).ok()?;
         parse_stat(&self.buf)
     }
 
     /// The children of a single-threaded process, through a kept descriptor.
     fn push_children_of(&mut self, pid: u32, stack: &mut Vec<u32>) {
-        let fresh = match self.child_files.get(&pid) {
-            Some(f) if f.read(&mut self.buf).is_ok() => None,
-            _ => match ProcFile::open(format!("/proc/{pid}/task/{pid}/children")) {
-                Ok(f) if f.read(&mut self.buf).is_ok() => Some(f),
-                _ => {
-                    self.child_files.remove(&pid);
-                    return;
-                }
-            },
-        };
-        if let Some(f) = fresh {
-            self.child_files.insert(pid, f);
+        if ProcFile::read_keyed(&mut self.child_files, pid, || format!("/proc/{pid}/task/{pid}/children"), &mut self.buf).is_ok() {
+            push_pids(&self.buf, stack);
         }
-        push_pids(&self.buf, stack);
     }
 
     /// Root and all descendants with their stat figures, root first. Empty once the root is gone.

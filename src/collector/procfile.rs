@@ -6,7 +6,9 @@
 //! `/proc/PID/...` descriptor stays bound to that process: once it exits, reads fail
 //! (ESRCH) rather than returning the figures of a process that reused its pid.
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::hash::Hash;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -32,6 +34,25 @@ impl ProcFile {
             *slot = None;
         }
         read
+    }
+
+    /// [`read_kept`](Self::read_kept) for descriptors kept by key (a pid): the entry is
+    /// (re)opened from `path()` when missing or failing, and removed when that fails too.
+    pub fn read_keyed<K: Hash + Eq>(files: &mut HashMap<K, ProcFile>, key: K, path: impl FnOnce() -> String, buf: &mut Vec<u8>) -> io::Result<()> {
+        if files.get(&key).is_some_and(|f| f.read(buf).is_ok()) {
+            return Ok(());
+        }
+        let opened = ProcFile::open(path()).and_then(|f| f.read(buf).map(|()| f));
+        match opened {
+            Ok(f) => {
+                files.insert(key, f);
+                Ok(())
+            }
+            Err(e) => {
+                files.remove(&key);
+                Err(e)
+            }
+        }
     }
 
     /// The whole current content, into `buf` (cleared first; its capacity is kept
