@@ -1513,15 +1513,7 @@ async fn deploy_settings_are_accepted_by_the_real_binary() {
         assert_eq!(ready["ready"], true, "{at}: {ready}");
         // The HPA's metric is on /metrics from the start.
         if at.starts_with("k8s") {
-            let text = svc
-                .client()
-                .get(svc.admin_url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = svc.metrics_text().await;
             assert!(
                 text.lines().any(|l| l.starts_with("musetalk_jobs_queued{")),
                 "musetalk_jobs_queued (the HPA metric) is not on /metrics:\n{text}"

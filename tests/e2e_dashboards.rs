@@ -22,12 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::media::file_part;
+use common::media::{HeldUpload, file_part, hold_upload};
 use common::otlp::OtlpReceiver;
 use common::prometheus::promtool;
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use serde_json::Value;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -1024,15 +1024,7 @@ async fn speak(svc: &Service, id: &str) -> (StatusCode, Value) {
 async fn wait_worker_back(svc: &Service) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = svc
-            .client()
-            .get(svc.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = svc.metrics_text().await;
         let value = |series: &str| {
             text.lines().find_map(|l| {
                 l.strip_prefix(series)?
@@ -1052,40 +1044,6 @@ async fn wait_worker_back(svc: &Service) {
             svc.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// An upload that holds its admission place until released: the video part streams its
-/// first KiB, then waits. A job is admitted before its upload is read, so held uploads
-/// fill the queue deterministically.
-struct HeldUpload {
-    tx: futures::channel::mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
-    rest: Vec<u8>,
-    response: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
-}
-
-fn hold_upload(svc: &Service) -> HeldUpload {
-    let bytes = std::fs::read(&media().video).unwrap();
-    let (first, rest) = bytes.split_at(1024);
-    let (tx, rx) = futures::channel::mpsc::unbounded();
-    tx.unbounded_send(Ok(first.to_vec())).unwrap();
-    let video = Part::stream(reqwest::Body::wrap_stream(rx)).file_name("v.mp4");
-    let form = Form::new()
-        .part("video", video)
-        .part("audio", file_part(&media().audio, "a.wav"));
-    let request = svc.client().post(svc.url("/v1/inference")).multipart(form);
-    HeldUpload {
-        tx,
-        rest: rest.to_vec(),
-        response: tokio::spawn(request.send()),
-    }
-}
-
-impl HeldUpload {
-    fn release(self) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
-        self.tx.unbounded_send(Ok(self.rest)).unwrap();
-        self.tx.close_channel();
-        self.response
     }
 }
 
@@ -1324,15 +1282,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         Gate::Gpu => gpu_open,
     };
 
-    let metrics_text = svc
-        .client()
-        .get(svc.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_text = svc.metrics_text().await;
     let exposed = exposed_names(&metrics_text);
     let labels = exposed_labels(&metrics_text);
     let documented = documented_names();

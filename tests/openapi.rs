@@ -14,11 +14,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::media::{file_part, media};
+use common::media::{file_part, hold_upload, media};
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use serde_json::{Value, json};
 
 /// Routes the router serves that are deliberately NOT in the OpenAPI document: the HTML
@@ -487,25 +487,6 @@ async fn real_responses_validate_against_their_schemas() {
     assert_eq!(essence(&m.headers), "application/openmetrics-text");
 }
 
-/// Held upload: the request is admitted (it holds a queue place) but its body never ends
-/// until released.
-struct HeldUpload {
-    tx: futures::channel::mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
-    rest: Vec<u8>,
-    response: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
-}
-
-fn hold_upload(svc: &Service) -> HeldUpload {
-    let bytes = std::fs::read(&media().video).unwrap();
-    let (first, rest) = bytes.split_at(1024);
-    let (tx, rx) = futures::channel::mpsc::unbounded();
-    tx.unbounded_send(Ok(first.to_vec())).unwrap();
-    let video = Part::stream(reqwest::Body::wrap_stream(rx)).file_name("v.mp4");
-    let form = Form::new().part("video", video).part("audio", file_part(&media().audio, "a.wav"));
-    let request = svc.client().post(svc.url("/v1/inference")).multipart(form);
-    HeldUpload { tx, rest: rest.to_vec(), response: tokio::spawn(request.send()) }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_and_unauthorized_validate() {
     // No queue place beyond the one run slot: one held upload fills the service.
@@ -521,9 +502,7 @@ async fn queue_full_and_unauthorized_validate() {
     assert_eq!(full.status, StatusCode::TOO_MANY_REQUESTS, "{}", full.text);
     assert_eq!(full.json.unwrap()["error"], "queue_full");
     assert!(full.headers["retry-after"].to_str().unwrap().parse::<u64>().is_ok());
-    held.tx.unbounded_send(Ok(held.rest)).unwrap();
-    held.tx.close_channel();
-    let finished = doc.check("POST", "/v1/inference", held.response.await.unwrap().unwrap()).await;
+    let finished = doc.check("POST", "/v1/inference", held.release().await.unwrap().unwrap()).await;
     assert_eq!(finished.status, StatusCode::OK, "{}", finished.text);
 
     // With --auth-token-file, /v1/* answers the documented 401; the document stays open.

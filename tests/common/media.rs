@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use reqwest::multipart::Part;
+use reqwest::multipart::{Form, Part};
+
+use super::service::Service;
 
 /// The inputs most tests send.
 pub struct Media {
@@ -105,4 +107,34 @@ fn make(name: &str, args: &[&str]) -> PathBuf {
     assert!(status.success(), "ffmpeg {args:?} failed: {status}");
     std::fs::rename(&tmp, &out).unwrap();
     out
+}
+
+/// An upload that holds its admission place until released: the standard video's part
+/// streams its first KiB, then waits. A job is admitted before its upload is read, so
+/// held uploads fill the queue deterministically.
+pub struct HeldUpload {
+    tx: futures::channel::mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
+    rest: Vec<u8>,
+    response: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+}
+
+/// Starts a `POST /v1/inference` of the standard pair that stops after 1 KiB of video.
+pub fn hold_upload(svc: &Service) -> HeldUpload {
+    let bytes = std::fs::read(&media().video).unwrap();
+    let (first, rest) = bytes.split_at(1024);
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tx.unbounded_send(Ok(first.to_vec())).unwrap();
+    let video = Part::stream(reqwest::Body::wrap_stream(rx)).file_name("v.mp4");
+    let form = Form::new().part("video", video).part("audio", file_part(&media().audio, "a.wav"));
+    let request = svc.client().post(svc.url("/v1/inference")).multipart(form);
+    HeldUpload { tx, rest: rest.to_vec(), response: tokio::spawn(request.send()) }
+}
+
+impl HeldUpload {
+    /// Sends the rest of the upload; the handle answers with the job's response.
+    pub fn release(self) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        self.tx.unbounded_send(Ok(self.rest)).unwrap();
+        self.tx.close_channel();
+        self.response
+    }
 }

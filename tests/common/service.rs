@@ -329,6 +329,13 @@ impl Service {
         &self.client
     }
 
+    /// The text of `/metrics` (on the admin listener when there is one).
+    pub async fn metrics_text(&self) -> String {
+        let url = self.admin_url("/metrics");
+        let r = self.client.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}; logs:\n{}", self.logs()));
+        r.text().await.unwrap()
+    }
+
     /// GET on the main listener; panics if the request itself fails.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         let url = self.url(path);
