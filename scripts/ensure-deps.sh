@@ -7,6 +7,7 @@
 #   ffmpeg        ffmpeg, ffprobe   (the preview backend, media probing)
 #   prometheus    prometheus, promtool (the real Prometheus the e2e tests scrape with)
 #   python3-yaml  `python3 -c 'import yaml'`
+#   curl          curl (the README's quick start, which tests/e2e_quickstart.rs runs as written)
 #   chromium      chromium, chromedriver (packages chromium, chromium-driver: the
 #                 status page's real-browser test drives headless Chromium over WebDriver)
 # Missing ones are installed with apt-get when running as root; otherwise the exact
@@ -21,6 +22,7 @@ have() {
         prometheus) command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 ;;
         python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
         chromium) command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 ;;
+        curl) command -v curl >/dev/null 2>&1 ;;
         *) printf 'ensure-deps: unknown component %s\n' "$1" >&2; exit 2 ;;
     esac
 }

@@ -5,7 +5,7 @@
 #
 # On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe,
 # prometheus, promtool, python3-yaml, chromium and chromedriver for the status page's
-# browser test) are installed when running as root; otherwise
+# browser test, curl for the README's quick start) are installed when running as root; otherwise
 # the command to install them is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 say "checking system tools"
-scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium
+scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium curl
 
 say "cargo test --all-targets $*"
 status=0

@@ -342,6 +342,59 @@ impl Config {
         Ok(())
     }
 
+    /// [`Config::validate`], then every path setting made absolute against the current
+    /// directory, once: pipelines and workers run in their own directories (a job's
+    /// dir, the MuseTalk repo), so a path relative to the service's would name another
+    /// file there. Idempotent. `serve`, `check` and [`crate::run`] all go through it.
+    ///
+    /// Left as given, deliberately: programs without a `/` (looked up on `PATH`), and
+    /// `--musetalk-unet-model-path`/`--musetalk-unet-config`, which are relative to
+    /// `--musetalk-dir` as MuseTalk itself expects (it runs there).
+    pub fn resolved(mut self) -> Result<Config, ConfigError> {
+        self.validate()?;
+        let cwd = std::env::current_dir().map_err(|e| ConfigError::Invalid { flag: "data-dir", message: format!("the current directory is unreadable ({e}), so relative paths cannot be resolved: give absolute ones") })?;
+        let abs = |p: &Path| if p.is_absolute() { normalized(p) } else { normalized(&cwd.join(p)) };
+        // A program named with a `/` is a path; a bare name is for PATH to find.
+        let program = |p: &str| if p.contains('/') { abs(Path::new(p)).display().to_string() } else { p.to_string() };
+        self.config = self.config.as_deref().map(abs);
+        self.data_dir = abs(&self.data_dir);
+        self.musetalk_dir = self.musetalk_dir.as_deref().map(abs);
+        self.musetalk_python = program(&self.musetalk_python);
+        self.musetalk_worker_script = abs(&self.musetalk_worker_script);
+        self.ffmpeg = PathBuf::from(program(&self.ffmpeg.display().to_string()));
+        self.ffprobe = PathBuf::from(program(&self.ffprobe.display().to_string()));
+        self.auth_token_file = self.auth_token_file.as_deref().map(abs);
+        // The program of an argv template (validated above, so it splits).
+        let with_program = |cmd: &str| -> String {
+            let mut argv = shell_words::split(cmd).unwrap_or_default();
+            match argv.first_mut() {
+                Some(first) if first.contains('/') && !Path::new(first.as_str()).is_absolute() => {
+                    *first = program(first);
+                    shell_words::join(argv)
+                }
+                _ => cmd.to_string(),
+            }
+        };
+        self.pipeline_command = self.pipeline_command.as_deref().map(with_program);
+        self.worker_command = self.worker_command.as_deref().map(with_program);
+        Ok(self)
+    }
+
+    /// The path settings as `serve` logs them and `check` prints them.
+    pub fn paths_summary(&self) -> String {
+        let mut parts = vec![format!("data dir {}", self.data_dir.display())];
+        if let Some(d) = &self.musetalk_dir {
+            parts.push(format!("musetalk dir {}", d.display()));
+        }
+        if let Some(f) = &self.auth_token_file {
+            parts.push(format!("token file {}", f.display()));
+        }
+        if let Some(f) = &self.config {
+            parts.push(format!("config file {}", f.display()));
+        }
+        parts.join(", ")
+    }
+
     /// The `--pipeline-command` template split into argv (no shell ever sees it).
     pub fn pipeline_argv(&self) -> Result<Vec<String>, String> {
         match &self.pipeline_command {
@@ -380,6 +433,12 @@ impl Config {
         let p = Path::new(p);
         Some(if p.is_absolute() { p.to_path_buf() } else { root.join(p) })
     }
+}
+
+/// `p` without its `.` components. `..` stays: folding it lexically would be wrong
+/// after a symlink, and the data dir may not exist yet to be canonicalized.
+fn normalized(p: &Path) -> PathBuf {
+    p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
 }
 
 #[cfg(test)]
@@ -457,6 +516,34 @@ mod tests {
             let err = parse(args).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_once_against_the_current_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let c = parse(&[
+            "--data-dir", "./data", "--musetalk-dir", "../MuseTalk", "--auth-token-file", "tokens",
+            "--ffmpeg", "bin/ffmpeg", "--ffprobe", "ffprobe", "--musetalk-python", ".venv/bin/python",
+            "--backend", "command", "--pipeline-command", "./run.sh --in {video} --out {output}",
+            "--worker-command", "python3 -u worker.py",
+        ])
+        .unwrap()
+        .resolved()
+        .unwrap();
+        assert_eq!(c.data_dir, cwd.join("data"));
+        assert_eq!(c.musetalk_dir.as_deref(), Some(cwd.join("../MuseTalk").as_path()));
+        assert_eq!(c.auth_token_file.as_deref(), Some(cwd.join("tokens").as_path()));
+        assert_eq!(c.ffmpeg, cwd.join("bin/ffmpeg"));
+        assert_eq!(c.ffprobe, PathBuf::from("ffprobe"), "a bare name is for PATH");
+        assert_eq!(c.musetalk_python, cwd.join(".venv/bin/python").display().to_string());
+        assert_eq!(c.musetalk_worker_script, cwd.join("worker/musetalk_worker.py"));
+        assert_eq!(c.pipeline_argv().unwrap()[0], cwd.join("run.sh").display().to_string());
+        assert_eq!(c.pipeline_argv().unwrap()[1..], ["--in", "{video}", "--out", "{output}"]);
+        assert_eq!(c.worker_command.as_deref(), Some("python3 -u worker.py"), "a program on PATH is left to PATH");
+        assert_eq!(c.musetalk_unet_model_path, "./models/musetalkV15/unet.pth", "relative to --musetalk-dir, where MuseTalk runs");
+        let again = c.clone().resolved().unwrap();
+        assert_eq!((again.data_dir, again.pipeline_command), (c.data_dir, c.pipeline_command), "resolving twice changes nothing");
+        assert!(parse(&["--max-concurrent-jobs", "0"]).unwrap().resolved().is_err(), "resolved() validates");
     }
 
     #[test]

@@ -45,7 +45,9 @@ pub enum RunError {
 /// Starts everything, serves until SIGTERM/SIGINT (or `shutdown` is cancelled), then
 /// shuts down in order: stop accepting, drain jobs, stop the collector, flush spans.
 pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: CancellationToken) -> Result<(), RunError> {
-    config.validate()?;
+    // Absolute paths from here on: children run in other directories.
+    let config = config.resolved()?;
+    tracing::info!(data_dir = %config.data_dir.display(), "paths: {}", config.paths_summary());
     std::fs::create_dir_all(config.jobs_dir()).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
     let auth = match &config.auth_token_file {
         Some(path) => api::auth::Tokens::load(path).map_err(RunError::Auth)?,

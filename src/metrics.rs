@@ -66,6 +66,13 @@ pub struct JobLabels {
     pub outcome: &'static str,
 }
 
+/// Why a request was refused before its upload was read: bounded (`queue_full`, `draining`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub mode: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub mode: &'static str,
@@ -241,6 +248,7 @@ pub struct Metrics {
     registry: Registry,
     // Jobs (simple and realtime modes).
     pub jobs: Family<JobLabels, Counter>,
+    pub jobs_rejected: Family<RejectLabels, Counter>,
     pub job_duration: Family<JobLabels, TracedHistogram, TracedCtor>,
     pub step_duration: Family<StepLabels, TracedHistogram, TracedCtor>,
     pub stage_duration: Family<StageLabels, TracedHistogram, TracedCtor>,
@@ -294,6 +302,7 @@ impl Metrics {
         let ratio = || Unit::Other("ratio".into());
         let m = Metrics {
             jobs: Family::default(),
+            jobs_rejected: Family::default(),
             job_duration: Family::new_with_constructor(traced(JOB_BUCKETS)),
             step_duration: Family::new_with_constructor(traced(STEP_BUCKETS)),
             stage_duration: Family::new_with_constructor(traced(STEP_BUCKETS)),
@@ -326,6 +335,7 @@ impl Metrics {
             registry: Registry::default(),
         };
         r.register("musetalk_jobs", "Jobs finished, by outcome.", m.jobs.clone());
+        r.register("musetalk_jobs_rejected", "Requests refused at admission, before their upload was read: queue full (429) or shutting down (503).", m.jobs_rejected.clone());
         r.register_with_unit("musetalk_job_duration", "Whole-job duration, queue wait included; exemplars carry the trace id.", Unit::Seconds, m.job_duration.clone());
         r.register_with_unit("musetalk_step_duration", "Duration of each job step; exemplars carry the trace id.", Unit::Seconds, m.step_duration.clone());
         r.register_with_unit("musetalk_stage_duration", "Duration of each pipeline (MuseTalk) stage; exemplars carry the trace id.", Unit::Seconds, m.stage_duration.clone());

@@ -398,9 +398,52 @@ async fn check_the_preview_setup_reports_ffmpeg_and_nvml() {
         assert_eq!(level(nvml), "ok", "{out}");
         assert!(nvml.contains("driver"), "{out}");
     }
+    // "ready" rests on a real 1 s job through the preview backend.
+    let (trial, _) = check_line(out, "trial job").unwrap_or_else(|| panic!("no trial job line: {out}"));
+    assert_eq!(level(trial), "ok", "{out}");
+    assert!(trial.contains("a 1 s preview job succeeded"), "{out}");
+    // The paths it checked are the resolved ones serve will use.
+    let (config, _) = check_line(out, "config").unwrap();
+    assert!(config.contains(&format!("data dir {}", data.display())), "{out}");
     let summary = out.lines().last().unwrap();
     assert!(summary.contains("0 failed") && summary.contains("ready to serve with the preview backend"), "{out}");
     assert!(!data.exists(), "check creates nothing");
+}
+
+/// An ffmpeg that answers `-version` and `-encoders` (so every tool check passes) but fails
+/// every real render, as a broken build or a wrapper would: `check` must not say ready.
+#[tokio::test]
+async fn check_fails_when_the_backend_cannot_really_run_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v ffmpeg"]).output().unwrap().stdout).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fake = bin.join("ffmpeg");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -filter_complex ] && {{ echo 'Error initializing complex filters: fake ffmpeg refuses to render' >&2; exit 1; }}; done\nexec {} \"$@\"\n",
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let data = dir.path().join("data");
+    let run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data)], &[("PATH", &path)]).await;
+    assert_eq!(run.code, Some(1), "check must fail when a job would: {}", run.show());
+    let out = &run.stdout;
+    assert_eq!(level(check_line(out, "ffmpeg").unwrap().0), "ok", "the version check alone passes: {out}");
+    let (trial, fix) = check_line(out, "trial job").unwrap_or_else(|| panic!("no trial job line: {out}"));
+    assert_eq!(level(trial), "FAIL", "{out}");
+    assert!(trial.contains("fake ffmpeg refuses to render"), "the pipeline's own error is shown: {out}");
+    assert!(fix.is_some_and(|f| f.contains("--ffmpeg")), "{out}");
+    assert!(out.lines().last().unwrap().contains("not ready"), "{out}");
+    assert!(!data.exists(), "check creates nothing");
+
+    // The same set-up with a working ffmpeg given explicitly is ready.
+    let ok_run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data), "--ffmpeg", real.trim()], &[("PATH", &path)]).await;
+    assert_eq!(ok_run.code, Some(0), "{}", ok_run.show());
 }
 
 #[tokio::test]

@@ -1127,6 +1127,128 @@ fn alert_rules() -> Vec<(String, String)> {
     out
 }
 
+/// What evaluating every panel and variable of the dashboards found.
+struct Evaluation {
+    checked: usize,
+    with_data: usize,
+    failures: Vec<String>,
+    waived: BTreeSet<String>,
+}
+
+impl Evaluation {
+    fn assert_clean(&self, prom: &RepoPrometheus) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} panel queries failed:\n{}\nPrometheus log:\n{}",
+            self.failures.len(),
+            self.checked,
+            self.failures.join("\n"),
+            prom.log()
+        );
+        eprintln!(
+            "{} of {} panel query evaluations returned a finite value; waived here: {:#?}",
+            self.with_data, self.checked, self.waived
+        );
+    }
+}
+
+/// Evaluates every panel query of `ds` with the variables substituted three ways (this
+/// instance with mode `simple`, then `realtime`, then All) and every variable query. A
+/// query Prometheus refuses always fails; one without a finite value fails unless
+/// `waive_panel(uid, panel)` / `waive_variable(name)` gives the reason it may be empty here.
+async fn evaluate_dashboards(
+    prom: &RepoPrometheus,
+    ds: &[Dashboard],
+    instance: &str,
+    waive_panel: &dyn Fn(&str, &Panel) -> Option<String>,
+    waive_variable: &dyn Fn(&str) -> Option<String>,
+) -> Evaluation {
+    let one = |mode: &str| Vars {
+        instance: grafana_regex_escape(instance),
+        mode: mode.into(),
+        gpu: ".*".into(),
+    };
+    let all = Vars {
+        instance: ".*".into(),
+        mode: ".*".into(),
+        gpu: ".*".into(),
+    };
+    let var_sets = [one("simple"), one("realtime"), all];
+    let all = &var_sets[2];
+    let mut e = Evaluation {
+        checked: 0,
+        with_data: 0,
+        failures: Vec::new(),
+        waived: BTreeSet::new(),
+    };
+    for d in ds {
+        for p in panels(d) {
+            let waiver = waive_panel(&d.uid, &p);
+            for t in &p.targets {
+                for vars in &var_sets {
+                    let q = substitute(&t.expr, vars);
+                    e.checked += 1;
+                    match prom.try_query(&q).await {
+                        Err(err) => e.failures.push(format!(
+                            "{} / {} / {}: Prometheus refuses `{q}`: {err}",
+                            d.file, p.title, t.ref_id
+                        )),
+                        Ok(r) if has_finite(&r) => e.with_data += 1,
+                        Ok(r) => match &waiver {
+                            Some(why) => {
+                                e.waived.insert(format!("{} / {} ({why})", d.file, p.title));
+                            }
+                            None => e.failures.push(format!(
+                                "{} / {} / {}: no finite value: `{q}` → {}",
+                                d.file,
+                                p.title,
+                                t.ref_id,
+                                Value::Array(r)
+                            )),
+                        },
+                    }
+                }
+            }
+        }
+        for v in variables(d) {
+            let Some(def) = v["definition"].as_str() else {
+                continue;
+            };
+            let inner = def
+                .strip_prefix("label_values(")
+                .and_then(|s| s.strip_suffix(')'))
+                .unwrap();
+            let (sel, label) = inner.rsplit_once(',').unwrap();
+            let q = format!("group by ({}) ({})", label.trim(), substitute(sel, all));
+            let name = v["name"].as_str().unwrap();
+            match prom.try_query(&q).await {
+                Err(err) => e.failures.push(format!(
+                    "{} / variable {name}: Prometheus refuses `{q}`: {err}",
+                    d.file
+                )),
+                Ok(r) if !r.is_empty() => {
+                    if name == "instance" {
+                        assert!(
+                            r.iter().any(|s| s["metric"]["instance"] == instance),
+                            "the instance variable does not offer {instance}: {r:?}"
+                        );
+                    }
+                }
+                Ok(_) => match waive_variable(name) {
+                    Some(why) => {
+                        e.waived.insert(format!("{} / variable {name} ({why})", d.file));
+                    }
+                    None => e.failures.push(format!(
+                        "{} / variable {name}: `{q}` returns nothing",
+                        d.file
+                    )),
+                },
+            }
+        }
+    }
+    e
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. The end-to-end proof.
 
@@ -1207,7 +1329,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         v == 2.0
     })
     .await;
-    let rejected = r#"sum(http_server_request_duration_seconds_count{http_route="/v1/inference", http_response_status_code="429"})"#;
+    let rejected = r#"sum(musetalk_jobs_rejected_total{reason="queue_full"})"#;
     for n in 1..=2 {
         let (status, body) = submit(&svc, &m.video, &m.audio).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
@@ -1366,97 +1488,11 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         mode: "simple".into(),
         gpu: ".*".into(),
     };
-    let realtime = Vars {
-        instance: grafana_regex_escape(&instance),
-        mode: "realtime".into(),
-        gpu: ".*".into(),
-    };
-    let all = Vars {
-        instance: ".*".into(),
-        mode: ".*".into(),
-        gpu: ".*".into(),
-    };
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    let mut with_data = 0;
-    let mut waived = BTreeSet::new();
-    for d in &ds {
-        for p in panels(d) {
-            let exception = exception_of(&d.uid, &p.title);
-            for t in &p.targets {
-                for vars in [&picked, &realtime, &all] {
-                    let q = substitute(&t.expr, vars);
-                    checked += 1;
-                    match prom.try_query(&q).await {
-                        Err(e) => failures.push(format!(
-                            "{} / {} / {}: Prometheus refuses `{q}`: {e}",
-                            d.file, p.title, t.ref_id
-                        )),
-                        Ok(r) if has_finite(&r) => with_data += 1,
-                        Ok(r) => match exception {
-                            Some(g) if !open(g) => {
-                                waived.insert(format!("{} / {} ({g:?})", d.file, p.title));
-                            }
-                            _ => failures.push(format!(
-                                "{} / {} / {}: no data: `{q}` → {}",
-                                d.file,
-                                p.title,
-                                t.ref_id,
-                                Value::Array(r)
-                            )),
-                        },
-                    }
-                }
-            }
-        }
-        // Variables.
-        for v in variables(d) {
-            let Some(def) = v["definition"].as_str() else {
-                continue;
-            };
-            let inner = def
-                .strip_prefix("label_values(")
-                .and_then(|s| s.strip_suffix(')'))
-                .unwrap();
-            let (sel, label) = inner.rsplit_once(',').unwrap();
-            let q = format!("group by ({}) ({})", label.trim(), substitute(sel, &all));
-            let name = v["name"].as_str().unwrap();
-            match prom.try_query(&q).await {
-                Err(e) => failures.push(format!(
-                    "{} / variable {name}: Prometheus refuses `{q}`: {e}",
-                    d.file
-                )),
-                Ok(r) if !r.is_empty() => {
-                    if name == "instance" {
-                        assert!(
-                            r.iter()
-                                .any(|s| s["metric"]["instance"] == instance.as_str()),
-                            "the instance variable does not offer {instance}: {r:?}"
-                        );
-                    }
-                }
-                Ok(_) => match VARIABLE_EXCEPTIONS.iter().find(|(n, _)| *n == name) {
-                    Some((_, g)) if !open(*g) => {
-                        waived.insert(format!("{} / variable {name} ({g:?})", d.file));
-                    }
-                    _ => failures.push(format!(
-                        "{} / variable {name}: `{q}` returns nothing",
-                        d.file
-                    )),
-                },
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {checked} panel queries failed:\n{}\nPrometheus log:\n{}",
-        failures.len(),
-        failures.join("\n"),
-        prom.log()
-    );
-    eprintln!(
-        "{with_data} of {checked} panel query evaluations returned data; waived while their family is absent here: {waived:#?}"
-    );
+    let eval = evaluate_dashboards(&prom, &ds, &instance, &|uid, panel| {
+        exception_of(uid, &panel.title).filter(|g| !open(*g)).map(|g| format!("{g:?}"))
+    }, &|name| VARIABLE_EXCEPTIONS.iter().find(|(n, _)| *n == name).filter(|(_, g)| !open(*g)).map(|(_, g)| format!("{g:?}")))
+    .await;
+    eval.assert_clean(&prom);
 
     // ---- Exemplars: Prometheus stored the scraped exemplars, Grafana's exemplar query of
     // every exemplar-enabled panel finds some, and each trace id is a trace the OTLP
@@ -1584,4 +1620,103 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Zero reads as zero: a service on the default backend that has run only successful jobs
+/// (simple and realtime, no worker configured) gives every panel a finite value — the
+/// error ratio, the 429 rate, the exits by code read 0 or their real figure, never "No
+/// data" — except the GPU panels where there is no GPU and the worker panels, there being
+/// no worker. The series of known label sets exist from start-up, before any job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
+    let m = media();
+    let svc = ServiceBuilder::new()
+        .args(["--sample-interval", "200ms"])
+        .start()
+        .await;
+    svc.wait_ready().await;
+
+    // Before any job: the zero series are there.
+    let fresh = svc.metrics_text().await;
+    for mode in ["simple", "realtime"] {
+        for outcome in ["succeeded", "failed", "cancelled", "timed_out"] {
+            let series = format!(
+                r#"musetalk_jobs_total{{mode="{mode}",backend="preview",outcome="{outcome}"}} 0"#
+            );
+            assert!(fresh.contains(&series), "no `{series}` at start-up:\n{fresh}");
+        }
+        for reason in ["queue_full", "draining"] {
+            let series = format!(r#"musetalk_jobs_rejected_total{{mode="{mode}",reason="{reason}"}} 0"#);
+            assert!(fresh.contains(&series), "no `{series}` at start-up:\n{fresh}");
+        }
+    }
+
+    let prom = RepoPrometheus::start(svc.metrics_addr()).await;
+    let instance = svc.metrics_addr().to_string();
+    prom.wait_value(
+        &format!(r#"up{{job="musetalk-sidecar", instance="{instance}"}}"#),
+        Duration::from_secs(20),
+        |v| v == 1.0,
+    )
+    .await;
+    // Successful jobs only, a scrape apart (so every counter increases inside the window):
+    // two simple jobs, an avatar preparation, two speaks.
+    let finished = |n: usize| {
+        let prom = &prom;
+        async move {
+            prom.wait_value("sum(musetalk_jobs_total)", Duration::from_secs(30), |v| v == n as f64)
+                .await
+        }
+    };
+    for n in 1..=2 {
+        let (status, body) = submit(&svc, &m.video, &m.audio).await;
+        assert_eq!(status, StatusCode::OK, "{body}; logs:\n{}", svc.logs());
+        finished(n).await;
+    }
+    let (status, body) = prepare_avatar(&svc, "healthy").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    finished(3).await;
+    for n in 4..=5 {
+        let (status, body) = speak(&svc, "healthy").await;
+        assert_eq!(status, StatusCode::OK, "{body}; logs:\n{}", svc.logs());
+        finished(n).await;
+    }
+    prom.wait_value(
+        r#"sum(musetalk_jobs_total{outcome="succeeded"})"#,
+        Duration::from_secs(5),
+        |v| v == 5.0,
+    )
+    .await;
+
+    let gpu_open = prom
+        .value(r#"max(musetalk_collector_up{source="gpu"})"#)
+        .await
+        == Some(1.0);
+    // A panel about workers: every family it reads is `musetalk_worker_*`.
+    let about_workers = |p: &Panel| {
+        p.targets.iter().all(|t| {
+            selectors(&t.expr)
+                .iter()
+                .all(|s| s.metric.starts_with("musetalk_worker_"))
+        })
+    };
+    let eval = evaluate_dashboards(
+        &prom,
+        &dashboards(),
+        &instance,
+        &|uid, p| {
+            if exception_of(uid, &p.title).is_some() && !gpu_open {
+                Some("no GPU here".into())
+            } else if about_workers(p) {
+                Some("no realtime worker configured".into())
+            } else {
+                None
+            }
+        },
+        &|name| (name == "gpu" && !gpu_open).then(|| "no GPU here".into()),
+    )
+    .await;
+    eval.assert_clean(&prom);
+    let worker_waivers = eval.waived.iter().filter(|w| w.contains("no realtime worker")).count();
+    assert!(worker_waivers <= 2, "only the two worker panels may be waived for the missing worker: {:#?}", eval.waived);
 }

@@ -195,7 +195,7 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
             flags_only
         }
     };
-    check_config(&config, &mut p);
+    let config = check_config(config, &mut p);
 
     p.print(tool(&config.ffmpeg, "ffmpeg", "--ffmpeg").await);
     p.print(tool(&config.ffprobe, "ffprobe", "--ffprobe").await);
@@ -227,6 +227,11 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
             }
         }
     }
+    // "ready" only once the backend has done what a job asks of it. After a failure
+    // above the verdict is "not ready" already, and the trial would only repeat it.
+    if p.counts[Level::Fail as usize] == 0 {
+        p.print(backend_works(&config).await);
+    }
 
     let [oks, warns, fails] = p.counts;
     let verdict = if fails == 0 {
@@ -242,12 +247,13 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     if fails > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-/// The settings that clap's types cannot check (same rules as `serve`).
-fn check_config(config: &Config, p: &mut Printer) {
-    match config.validate() {
-        Ok(()) => {
-            let from = config.config.as_ref().map(|f| format!(", with {}", f.display())).unwrap_or_default();
-            p.print(ok("config", format!("valid (backend {}, data dir {}{from})", config.backend.as_str(), config.data_dir.display())));
+/// The settings that clap's types cannot check (same rules as `serve`), and the paths
+/// resolved as `serve` resolves them. Returns the config the other checks look at.
+fn check_config(config: Config, p: &mut Printer) -> Config {
+    match config.clone().resolved() {
+        Ok(resolved) => {
+            p.print(ok("config", format!("valid (backend {}; {})", resolved.backend.as_str(), resolved.paths_summary())));
+            resolved
         }
         Err(e) => {
             let fix = match &e {
@@ -255,7 +261,31 @@ fn check_config(config: &Config, p: &mut Printer) {
                 _ => "fix the file given with --config".to_string(),
             };
             p.print(fail("config", e.to_string(), fix));
+            config
         }
+    }
+}
+
+/// The backend does a job: preview runs a real 1 s trial job (the pipeline, end to end);
+/// the model backends, whose one run costs minutes of GPU, answer their readiness probe.
+async fn backend_works(config: &Config) -> Outcome {
+    let backend = crate::pipeline::build(config);
+    if config.backend != BackendKind::Preview {
+        return match backend.probe().await {
+            Ok(d) => ok("backend", format!("{} backend ready: {d}", backend.name())),
+            Err(e) => fail("backend", format!("{} backend not ready: {e}", backend.name()), "`serve` answers /readyz 503 with this reason until it is fixed; the MuseTalk lines above say what the backend needs"),
+        };
+    }
+    match crate::pipeline::trial::run(config, backend.as_ref()).await {
+        Ok(t) => ok("trial job", format!("a 1 s preview job succeeded in {:.2} s ({:.2} s of video, {})", t.seconds, t.output_seconds, human_bytes(t.output_bytes))),
+        Err(e) => fail(
+            "trial job",
+            format!("a 1 s preview job failed: {e}"),
+            format!(
+                "every job would fail the same way, with this error: repair {} (Debian/Ubuntu: `apt-get install ffmpeg`) or point --ffmpeg/--ffprobe at a working build",
+                config.ffmpeg.display()
+            ),
+        ),
     }
 }
 

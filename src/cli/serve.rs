@@ -9,7 +9,7 @@ use crate::config::Config;
 /// Runs the service until SIGTERM/SIGINT. `matches` are those `config` was parsed from
 /// (the TOML file given with `--config` fills what they leave unset).
 pub fn main(config: Config, matches: &ArgMatches) -> ExitCode {
-    let config = match Config::from_matches(config, matches).and_then(|c| c.validate().map(|_| c)) {
+    let config = match Config::from_matches(config, matches).and_then(Config::resolved) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::collector::CollectorHandle;
 use crate::config::Config;
-use crate::metrics::{Metrics, ModeLabels};
+use crate::metrics::{JobLabels, Metrics, ModeLabels, RejectLabels};
 use crate::pipeline::{Backend, MediaInfo};
 pub use report::Report;
 
@@ -30,6 +30,8 @@ pub use report::Report;
 pub const MODE_SIMPLE: &str = "simple";
 pub const MODE_REALTIME: &str = "realtime";
 const MODES: [&str; 2] = [MODE_SIMPLE, MODE_REALTIME];
+/// The `reason` label of `musetalk_jobs_rejected_total`: a full queue (429), a draining service (503).
+const REJECT_REASONS: [&str; 2] = ["queue_full", "draining"];
 
 /// Index of a mode in the per-mode counters.
 fn mode_index(mode: &str) -> usize {
@@ -344,6 +346,16 @@ impl JobManager {
             draining: AtomicBool::new(false),
         });
         m.publish_queue();
+        // Every series whose label set is known now exists now, at 0 (Prometheus'
+        // instrumentation guidance): a healthy service's error panels read 0, not "No data".
+        for mode in MODES {
+            for state in [JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::TimedOut] {
+                let _ = m.metrics.jobs.get_or_create(&JobLabels { mode, backend: m.backend.name(), outcome: state.as_str() });
+            }
+            for reason in REJECT_REASONS {
+                let _ = m.metrics.jobs_rejected.get_or_create(&RejectLabels { mode, reason });
+            }
+        }
         m
     }
 
@@ -370,8 +382,16 @@ impl JobManager {
 
     /// Reserves a place before anything is uploaded, so a full service refuses at once.
     pub fn admit(self: &Arc<Self>, mode: &'static str) -> Result<Admission, JobError> {
+        let refused = |e: JobError| {
+            let reason = match e {
+                JobError::QueueFull { .. } => REJECT_REASONS[0],
+                _ => REJECT_REASONS[1],
+            };
+            self.metrics.jobs_rejected.get_or_create(&RejectLabels { mode, reason }).inc();
+            Err(e)
+        };
         if self.draining.load(Ordering::Acquire) {
-            return Err(JobError::Draining);
+            return refused(JobError::Draining);
         }
         let i = mode_index(mode);
         let slots = self.slots(i);
@@ -380,7 +400,7 @@ impl JobManager {
         let mut cur = self.queued[i].load(Ordering::Acquire);
         loop {
             if cur >= limit {
-                return Err(JobError::QueueFull { queued: cur, running });
+                return refused(JobError::QueueFull { queued: cur, running });
             }
             match self.queued[i].compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,

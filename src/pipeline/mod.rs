@@ -15,6 +15,7 @@ pub mod preview;
 pub mod process;
 pub mod realtime;
 pub mod stages;
+pub mod trial;
 pub mod worker;
 
 use std::path::{Path, PathBuf};

@@ -279,6 +279,8 @@ impl WorkerPool {
         let worker = self.workers[i].clone();
         let labels = self.labels(i);
         self.metrics.worker_up.get_or_create(&labels).set(0);
+        // Known from the start: a worker that never restarted reads 0 restarts.
+        let _ = self.metrics.worker_restarts.get_or_create(&labels);
         let mut backoff = self.opts.backoff_initial;
         let mut first = true;
         loop {

@@ -53,6 +53,7 @@ pub struct ServiceBuilder {
     envs: Vec<(OsString, OsString)>,
     data_dir: Option<PathBuf>,
     subcommand: bool,
+    bare: bool,
 }
 
 impl Default for ServiceBuilder {
@@ -68,6 +69,7 @@ impl ServiceBuilder {
             envs: Vec::new(),
             data_dir: None,
             subcommand: true,
+            bare: false,
         }
     }
 
@@ -100,6 +102,14 @@ impl ServiceBuilder {
         self
     }
 
+    /// Only `--listen 127.0.0.1:0` (and the [`arg`](Self::arg)s): every other setting at
+    /// its built-in default, as a user's `scripts/run.sh` runs it — the relative
+    /// `./data` inside the service's own fresh working directory, text logs.
+    pub fn bare(mut self) -> Self {
+        self.bare = true;
+        self
+    }
+
     /// Run without the explicit `serve` subcommand (serve is the default).
     pub fn without_subcommand(mut self) -> Self {
         self.subcommand = false;
@@ -121,7 +131,7 @@ impl ServiceBuilder {
             .tempdir()
             .expect("temp dir");
         let data_dir = given(&self.args, "--data-dir")
-            .map(PathBuf::from)
+            .map(|d| temp.path().join(d))
             .or_else(|| self.data_dir.clone())
             .unwrap_or_else(|| temp.path().join("data"));
         let mut cmd = command();
@@ -131,10 +141,10 @@ impl ServiceBuilder {
         if given(&self.args, "--listen").is_none() {
             cmd.arg("--listen").arg("127.0.0.1:0");
         }
-        if given(&self.args, "--data-dir").is_none() {
+        if given(&self.args, "--data-dir").is_none() && !self.bare {
             cmd.arg("--data-dir").arg(&data_dir);
         }
-        if given(&self.args, "--log-format").is_none() {
+        if given(&self.args, "--log-format").is_none() && !self.bare {
             cmd.arg("--log-format").arg("json");
         }
         cmd.args(&self.args);
