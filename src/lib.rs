@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod collector;
 pub mod config;
+pub mod instance;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
@@ -32,6 +33,8 @@ use crate::telemetry::TelemetryGuard;
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Locked(#[from] instance::LockError),
     #[error("cannot create the data dir {path}: {source} (set --data-dir to a writable directory)")]
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot listen on {addr}: {source} (is another process using the port? set --listen)")]
@@ -48,6 +51,10 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     // Absolute paths from here on: children run in other directories.
     let config = config.resolved()?;
     tracing::info!(data_dir = %config.data_dir.display(), "paths: {}", config.paths_summary());
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
+    // First, before anything reads or cleans the data dir: a second instance on it must
+    // touch nothing of the first's (its running jobs, its stored outputs).
+    let _lock = instance::DataDirLock::acquire(&config.data_dir)?;
     std::fs::create_dir_all(config.jobs_dir()).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
     let auth = match &config.auth_token_file {
         Some(path) => api::auth::Tokens::load(path).map_err(RunError::Auth)?,

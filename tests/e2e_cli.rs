@@ -410,6 +410,27 @@ async fn check_the_preview_setup_reports_ffmpeg_and_nvml() {
     assert!(!data.exists(), "check creates nothing");
 }
 
+/// `check` against the set-up of a running service: its port is taken and its data dir
+/// locked, so `serve` would refuse to start; check says so, naming the holder.
+#[tokio::test]
+async fn check_fails_on_a_taken_port_and_a_data_dir_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let svc = ServiceBuilder::new().data_dir(&data).start().await;
+    svc.wait_ready().await;
+    let addr = svc.addr().to_string();
+    let run = cli(dir.path(), &["check", "--data-dir", path_str(&data), "--listen", &addr]).await;
+    assert_eq!(run.code, Some(1), "{}", run.show());
+    let (listen, fix) = check_line(&run.stdout, "listen").unwrap_or_else(|| panic!("no listen line: {}", run.show()));
+    assert_eq!(level(listen), "FAIL", "{}", run.show());
+    assert!(listen.contains(&addr) && fix.is_some_and(|f| f.contains("--listen")), "{}", run.show());
+    let (data_line, fix) = check_line(&run.stdout, "data dir").unwrap();
+    assert_eq!(level(data_line), "FAIL", "{}", run.show());
+    assert!(data_line.contains(&format!("pid {}", svc.pid())), "{}", run.show());
+    assert!(fix.is_some_and(|f| f.contains("--data-dir")), "{}", run.show());
+    assert!(check_line(&run.stdout, "trial job").is_none(), "no trial after a failure: {}", run.show());
+}
+
 /// An ffmpeg that answers `-version` and `-encoders` (so every tool check passes) but fails
 /// every real render, as a broken build or a wrapper would: `check` must not say ready.
 #[tokio::test]

@@ -253,3 +253,76 @@ async fn restart_after_a_crash_kills_leftover_pipelines_and_cleans_stale_dirs() 
     assert!(!stale.exists(), "stale job dir removed");
     assert!(svc2.logs().contains("left running by an earlier sidecar"), "{}", svc2.logs());
 }
+
+/// A second `serve` on the data dir of a running one exits at once, naming the first's
+/// pid, and touches nothing: the first's running job succeeds and every output it stored
+/// still downloads. (Before the lock, the second killed every recorded process group and
+/// removed every job dir before failing to bind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_same_data_dir_exits_and_touches_nothing() {
+    let outer = tempfile::tempdir().unwrap();
+    let data = outer.path().join("data");
+    let first = ServiceBuilder::new()
+        .data_dir(&data)
+        .args(["--backend", "musetalk", "--musetalk-python", "python3", "--max-concurrent-jobs", "2"])
+        .arg("--musetalk-dir")
+        .arg(fixture())
+        .arg("--pipeline-env")
+        .arg("PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=3")
+        .start()
+        .await;
+    first.wait_ready().await;
+    let stored: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let (status, v) = job(&first).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            ids.push(v["job_id"].as_str().unwrap().to_string());
+        }
+        ids
+    };
+    // One more, still running when the second instance starts.
+    let running = {
+        let (client, url) = (first.client().clone(), first.url("/v1/inference"));
+        tokio::spawn(async move { client.post(url).multipart(form()).send().await.unwrap() })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first.get("/v1/jobs").await.text().await.unwrap().contains("\"running\"") {
+        assert!(Instant::now() < deadline, "the third job never started: {}", first.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut second = common::service::command();
+    second.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(&data);
+    second.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut child = second.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(1), "the second instance must refuse at once (None: still serving after 10 s): {stderr}");
+    assert!(
+        stderr.contains(&format!("in use by another musetalk-sidecar (pid {})", first.pid())) && stderr.contains("--data-dir"),
+        "the error names the holder and the fix: {stderr}"
+    );
+
+    let r = running.await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the first's running job was not touched: {v}\n{}", first.logs());
+    for id in stored.iter().chain([&v["job_id"].as_str().unwrap().to_string()]) {
+        let r = first.get(&format!("/v1/jobs/{id}/output")).await;
+        assert_eq!(r.status(), StatusCode::OK, "output of {id} is gone");
+        assert!(!r.bytes().await.unwrap().is_empty());
+    }
+}

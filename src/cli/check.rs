@@ -204,6 +204,10 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     }
     p.print(nvml(args.require_gpu));
     p.print(data_dir(&config.data_dir));
+    p.print(listen("listen", "--listen", config.listen));
+    if let Some(addr) = config.admin_listen {
+        p.print(listen("admin listen", "--admin-listen", addr));
+    }
     if let Some(path) = &config.auth_token_file {
         p.print(match crate::api::auth::Tokens::load(path) {
             Ok(_) => ok("auth tokens", format!("{} holds at least one token", path.display())),
@@ -381,6 +385,13 @@ fn data_dir(dir: &Path) -> Outcome {
     if !existing.is_dir() {
         return fail(name, format!("{} is not a directory", existing.display()), "set --data-dir to a directory");
     }
+    if let Some(holder) = crate::instance::holder(dir) {
+        return fail(
+            name,
+            format!("{} is in use by a running musetalk-sidecar ({holder}): `serve` would refuse to start on it", dir.display()),
+            "stop that instance, or give this one its own --data-dir (two instances must never share one)",
+        );
+    }
     let probe = existing.join(format!(".musetalk-sidecar-check-{}", std::process::id()));
     if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         let uid = nix::unistd::geteuid();
@@ -400,6 +411,18 @@ fn data_dir(dir: &Path) -> Outcome {
             }
         }
         Err(e) => warn(name, format!("{state}; free space unknown ({e})"), "check the volume's free space by hand (df)"),
+    }
+}
+
+/// The listener can be bound: a port another process holds makes `serve` fail at start.
+fn listen(name: &str, flag: &str, addr: std::net::SocketAddr) -> Outcome {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => ok(name, format!("{addr} is free")),
+        Err(e) => fail(
+            name,
+            format!("cannot listen on {addr}: {e}"),
+            format!("stop the process using port {} (`ss -ltnp 'sport = :{}'` names it), or set {flag} to a free address", addr.port(), addr.port()),
+        ),
     }
 }
 
