@@ -13,5 +13,6 @@ fn main() -> ExitCode {
         Some(Command::Infer(args)) => cli::infer::main(args),
         Some(Command::Report(args)) => cli::report::main(args),
         Some(Command::Check(args)) => cli::check::main(args, &sub("check")),
+        Some(Command::PreviewRender(r)) => musetalk_sidecar::pipeline::preview::render(r),
     }
 }

@@ -614,7 +614,7 @@ fn succeeded_report() -> Report {
         worker: None,
         subprocess: Some(Subprocess { pid: 4242, exit_code: Some(0), signal: None, seconds: 3.5, percent: 82.4, command: "ffmpeg -hide_banner -nostdin -y -v error -i video.mp4 -i audio.wav out.mp4".into() }),
         files: Files { video_bytes: 18_266, audio_bytes: 96_078, output_bytes: Some(28_614), output_input_ratio: Some(0.25) },
-        media: report::Media { video_seconds: 2.0, audio_seconds: 3.0, output_seconds: Some(3.0), input_frames: Some(50), realtime_factor: Some(0.71) },
+        media: report::Media { video_seconds: 2.0, audio_seconds: 3.0, output_seconds: Some(3.0), output_frames: Some(75), input_frames: Some(50), realtime_factor: Some(0.71) },
         resources: Window {
             samples: 9,
             cpu: ap(0.62, 0.97),

@@ -156,7 +156,10 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
         if bytes == 0 {
             return Err(ApiError::bad_request("empty_file", "the `video` part is empty"));
         }
-        let info = probe_part(&st, "video", &video).await?;
+        // The upload check decodes the video stream only; the headers say what else is there.
+        let (info, all) = tokio::join!(probe_part(&st, "video", &video), crate::pipeline::media::probe(&st.config.ffprobe, &video));
+        let mut info = info?;
+        info.has_audio = all.is_ok_and(|a| a.has_audio);
         if !info.has_video {
             return Err(ApiError::bad_request("invalid_video", "the `video` part has no video stream"));
         }

@@ -68,6 +68,9 @@ pub enum Command {
     /// Diagnose this set-up (ffmpeg, NVIDIA GPU/NVML, MuseTalk dir, models and Python
     /// packages, OTLP endpoint, data dir); exits 1 when something required is missing.
     Check(check::CheckArgs),
+    /// Internal: the preview backend's render passes (run by the service as a job's pipeline).
+    #[command(hide = true)]
+    PreviewRender(crate::pipeline::preview::Render),
 }
 
 /// Parses the command line (exits with clap's message and status 2 on a usage error).

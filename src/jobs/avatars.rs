@@ -68,10 +68,14 @@ pub struct AvatarInfo {
     /// report) belonged to an earlier run and is gone; its trace, if exported, is not.
     pub restored: bool,
     pub created_at: String,
-    pub video_seconds: f64,
+    /// The clip's length (measured where its header states none); `null` for a still image.
+    pub video_seconds: Option<f64>,
     pub video_frames: Option<u64>,
+    /// The displayed size (a phone clip's rotation applied).
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// The source video has an audio track (not used: speak brings the audio).
+    pub has_audio: bool,
 }
 
 impl Avatar {
@@ -120,10 +124,11 @@ impl Avatar {
             prepare_job_id: self.prepare_job.clone(),
             restored: self.restored,
             created_at: humantime::format_rfc3339_millis(self.created).to_string(),
-            video_seconds: self.video_info.duration_secs,
+            video_seconds: (!self.video_info.is_still()).then_some(self.video_info.duration_secs),
             video_frames: self.video_info.frames,
             width: self.video_info.width,
             height: self.video_info.height,
+            has_audio: self.video_info.has_audio,
         }
     }
 }
@@ -372,7 +377,7 @@ mod tests {
         let a = s.ready("ready").expect("a ready avatar of this engine speaks again");
         let info = a.info();
         assert!(info.restored);
-        assert_eq!((info.prepare_job_id.as_str(), a.bbox_shift, info.video_seconds, info.width), ("job-ready", Some(-3), 2.0, Some(128)));
+        assert_eq!((info.prepare_job_id.as_str(), a.bbox_shift, info.video_seconds, info.width), ("job-ready", Some(-3), Some(2.0), Some(128)));
         assert_eq!(a.video, root.join("ready/source.mp4"));
 
         let why = |id: &str| match s.ready(id) {

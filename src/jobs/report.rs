@@ -36,6 +36,8 @@ pub struct Media {
     pub video_seconds: f64,
     pub audio_seconds: f64,
     pub output_seconds: Option<f64>,
+    /// Frames of the output video (its header's count, or its packets counted).
+    pub output_frames: Option<u64>,
     pub input_frames: Option<u64>,
     /// Output seconds per second of processing (1 = real time).
     pub realtime_factor: Option<f64>,

@@ -29,6 +29,7 @@ struct Record {
     command: String,
     output_bytes: Option<u64>,
     output_seconds: Option<f64>,
+    output_frames: Option<u64>,
     exec_window: Option<(Instant, Instant)>,
     tree_key: Option<u64>,
     worker: Option<String>,
@@ -47,6 +48,12 @@ impl StepFailure {
             PipelineError::Cancelled => JobState::Cancelled,
             PipelineError::TimedOut(_) => JobState::TimedOut,
             _ => JobState::Failed,
+        };
+        // A pipeline that exited non-zero or was killed failed while it ran, even though
+        // its exit is only judged when its output is looked for.
+        let step = match e {
+            PipelineError::Failed { .. } if step == "output_discovery" => "subprocess_execution",
+            _ => step,
         };
         StepFailure { step, message: e.to_string(), state }
     }
@@ -224,9 +231,10 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
     let mut er = EngineRecorder::new(m, job, &span);
     let result = slot.infer(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
     er.finish(rec);
+    let expected = slot.expected_output(&req);
     drop(slot);
     end_step(m, job, rec, "inference", span, t0, result.map_err(|e| StepFailure::from_pipeline("inference", e)))?;
-    discover_output(m, job, rec, inputs, output).await
+    discover_output(m, job, rec, inputs, output, expected).await
 }
 
 /// Realtime `prepare`: file_processing, queue_wait, avatar_preparation, response_preparation.
@@ -314,15 +322,15 @@ impl<'a> EngineRecorder<'a> {
 }
 
 /// `output_discovery`: the file exists and ffprobe says it is a video.
-async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &Inputs, path: PathBuf) -> Result<PathBuf, StepFailure> {
+async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &Inputs, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
     step(m, job, rec, "output_discovery", async |span, rec| {
         let path = pipeline::require_output(&path).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
-        probe_output(m, span, rec, inputs, path).await
+        probe_output(m, span, rec, inputs, path, expected).await
     })
     .await
 }
 
-async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Record, inputs: &Inputs, path: PathBuf) -> Result<PathBuf, StepFailure> {
+async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Record, inputs: &Inputs, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
     let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
     rec.output_bytes = Some(size);
     span.set_attribute("musetalk.output.bytes", size as i64);
@@ -333,8 +341,15 @@ async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Recor
     match pipeline::media::probe(&m.config.ffprobe, &path).await {
         Ok(info) if info.has_video => {
             rec.output_seconds = Some(info.duration_secs);
+            rec.output_frames = info.frames;
             span.set_attribute("musetalk.output.seconds", info.duration_secs);
-            Ok(path)
+            if let Some(f) = info.frames {
+                span.set_attribute("musetalk.output.frames", f as i64);
+            }
+            match expected.and_then(|e| e.mismatch(&info)) {
+                Some(why) => Err(StepFailure { step: "output_discovery", message: why, state: JobState::Failed }),
+                None => Ok(path),
+            }
         }
         Ok(_) => Err(StepFailure { step: "output_discovery", message: format!("{} has no video stream", path.display()), state: JobState::Failed }),
         Err(e) => Err(StepFailure { step: "output_discovery", message: format!("the output is not a playable video: {e}"), state: JobState::Failed }),
@@ -371,7 +386,7 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
 
     let output = step(m, job, rec, "output_discovery", async |span, rec| {
         let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
-        probe_output(m, span, rec, inputs, path).await
+        probe_output(m, span, rec, inputs, path, backend.expected_output(&pjob)).await
     })
     .await?;
     Ok(output)
@@ -517,6 +532,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
             video_seconds: inputs.video_info.duration_secs,
             audio_seconds: inputs.audio_info.duration_secs,
             output_seconds: rec.output_seconds,
+            output_frames: rec.output_frames,
             input_frames: inputs.video_info.frames,
             realtime_factor: rtf,
         },

@@ -14,10 +14,43 @@ pub struct MediaInfo {
     pub size_bytes: u64,
     pub has_video: bool,
     pub has_audio: bool,
+    /// The displayed size (a phone clip's rotation applied, as ffmpeg decodes it).
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub fps: Option<f64>,
+    /// Frames of the video stream, when known (the header's count, or counted packets).
     pub frames: Option<u64>,
+    /// Clockwise rotation the player applies (display matrix), in degrees; 0 when none.
+    #[serde(default)]
+    pub rotation: i32,
+    /// Where the duration came from: the container or stream header, or packets counted
+    /// to the end (a browser's MediaRecorder writes no duration at all).
+    #[serde(default)]
+    pub duration_source: DurationSource,
+}
+
+/// How a [`MediaInfo`]'s duration is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurationSource {
+    /// The container header (`format.duration`).
+    #[default]
+    Container,
+    /// A stream header (`stream.duration`), the container having none.
+    Stream,
+    /// Measured: the stream's packets read to the end (last timestamp + its duration).
+    Measured,
+    /// A still image: one frame, no duration of its own.
+    Still,
+    /// Nothing said how long it lasts and measuring found no packet.
+    Unknown,
+}
+
+impl MediaInfo {
+    /// A single picture (png, jpeg, …): it has a frame but no duration of its own.
+    pub fn is_still(&self) -> bool {
+        self.duration_source == DurationSource::Still
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +86,13 @@ struct ProbeStream {
     r_frame_rate: Option<String>,
     nb_frames: Option<String>,
     duration: Option<String>,
+    #[serde(default)]
+    side_data_list: Vec<SideData>,
+}
+
+#[derive(Deserialize)]
+struct SideData {
+    rotation: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -80,22 +120,72 @@ fn parse_probe_frames(json: &str, size_bytes: u64) -> Result<(MediaInfo, usize),
     let known = |s: &&ProbeStream| s.codec_name.as_deref().is_some_and(|c| !c.is_empty() && c != "unknown");
     let video = p.streams.iter().filter(known).find(|s| s.codec_type.as_deref() == Some("video") && s.width.unwrap_or(0) > 0 && s.height.unwrap_or(0) > 0);
     let audio = p.streams.iter().filter(known).find(|s| s.codec_type.as_deref() == Some("audio"));
-    let stream_duration = p.streams.iter().filter_map(|s| s.duration.as_deref()?.parse::<f64>().ok()).fold(0.0, f64::max);
-    let duration = p.format.as_ref().and_then(|f| f.duration.as_deref()?.parse::<f64>().ok()).filter(|d| d.is_finite() && *d > 0.0).unwrap_or(stream_duration);
+    let positive = |d: Option<&str>| d?.parse::<f64>().ok().filter(|d| d.is_finite() && *d > 0.0);
+    let stream_duration = p.streams.iter().filter_map(|s| positive(s.duration.as_deref())).reduce(f64::max);
+    let container_duration = p.format.as_ref().and_then(|f| positive(f.duration.as_deref()));
+    let format = p.format.and_then(|f| f.format_name).unwrap_or_default();
+    // An image demuxer (`png_pipe`, `image2`, …): one picture, no time of its own.
+    let still = video.is_some() && (format == "image2" || format.ends_with("_pipe"));
+    let (duration, duration_source) = match (container_duration, stream_duration) {
+        _ if still => (0.0, DurationSource::Still),
+        (Some(d), _) => (d, DurationSource::Container),
+        (None, Some(d)) => (d, DurationSource::Stream),
+        (None, None) => (0.0, DurationSource::Unknown),
+    };
     let fps = video.and_then(|v| rate(v.avg_frame_rate.as_deref()).or_else(|| rate(v.r_frame_rate.as_deref())));
-    let frames = video.and_then(|v| v.nb_frames.as_deref()?.parse().ok()).or_else(|| fps.map(|f| (f * duration).round() as u64));
+    // Only a count the file states: fps × duration is wrong for variable frame rates.
+    let frames = if still { Some(1) } else { video.and_then(|v| v.nb_frames.as_deref()?.parse().ok()).filter(|n| *n > 0) };
+    let rotation = video.and_then(|v| v.side_data_list.iter().find_map(|d| d.rotation)).map(|r| (r.round() as i32).rem_euclid(360)).unwrap_or(0);
+    let (mut width, mut height) = (video.and_then(|v| v.width), video.and_then(|v| v.height));
+    if rotation == 90 || rotation == 270 {
+        std::mem::swap(&mut width, &mut height);
+    }
     let decoded = p.frames.len();
-    Ok((MediaInfo {
-        format: p.format.and_then(|f| f.format_name).unwrap_or_default(),
-        duration_secs: duration,
-        size_bytes,
-        has_video: video.is_some(),
-        has_audio: audio.is_some(),
-        width: video.and_then(|v| v.width),
-        height: video.and_then(|v| v.height),
-        fps,
-        frames,
-    }, decoded))
+    Ok((MediaInfo { format, duration_secs: duration, size_bytes, has_video: video.is_some(), has_audio: audio.is_some(), width, height, fps, frames, rotation, duration_source }, decoded))
+}
+
+/// Reads a stream's packets to the end: `(seconds from the first timestamp to the end of
+/// the last packet, packets)`. Demuxing only (no decoding), bounded by ffprobe's time
+/// limit, so a 10-minute recording costs tens of milliseconds.
+async fn measure(ffprobe: &Path, path: &Path, stream: &str) -> Result<Option<(f64, u64)>, ProbeError> {
+    let out = run_ffprobe(ffprobe, &["-v", "error", "-select_streams", stream, "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0"], path).await?;
+    Ok(packet_span(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `pts,duration` lines (either may be `N/A`) → span and count (separate from running
+/// ffprobe, so it is unit-tested).
+fn packet_span(csv: &str) -> Option<(f64, u64)> {
+    let (mut first, mut end, mut count) = (f64::INFINITY, f64::NEG_INFINITY, 0u64);
+    for line in csv.lines() {
+        let mut cols = line.split(',');
+        let Some(pts) = cols.next().and_then(|p| p.trim().parse::<f64>().ok()) else { continue };
+        let dur = cols.next().and_then(|d| d.trim().parse::<f64>().ok()).unwrap_or(0.0);
+        first = first.min(pts);
+        end = end.max(pts + dur);
+        count += 1;
+    }
+    (count > 0 && end > first).then(|| (end - first, count))
+}
+
+/// Fills in what the headers did not say by reading the used stream's packets: the
+/// duration (a MediaRecorder webm has none anywhere) and the video frame count (mkv and
+/// webm state none, and fps × duration is wrong for variable frame rates).
+async fn complete(ffprobe: &Path, path: &Path, video: bool, info: &mut MediaInfo) -> Result<(), ProbeError> {
+    let has = if video { info.has_video } else { info.has_audio };
+    let unknown_duration = info.duration_source == DurationSource::Unknown;
+    let uncounted = video && info.frames.is_none() && !info.is_still();
+    if !has || !(unknown_duration || uncounted) {
+        return Ok(());
+    }
+    let Some((seconds, packets)) = measure(ffprobe, path, if video { "v:0" } else { "a:0" }).await? else { return Ok(()) };
+    if unknown_duration {
+        info.duration_secs = seconds;
+        info.duration_source = DurationSource::Measured;
+    }
+    if video {
+        info.frames = Some(packets);
+    }
+    Ok(())
 }
 
 /// The last line of an ffmpeg tool's stderr, without the `path: ` prefix it adds.
@@ -116,7 +206,7 @@ async fn run_ffprobe(ffprobe: &Path, args: &[&str], path: &Path) -> Result<std::
     Ok(out)
 }
 
-const ENTRIES: &str = "format=format_name,duration:stream=codec_type,codec_name,width,height,avg_frame_rate,r_frame_rate,nb_frames,duration";
+const ENTRIES: &str = "format=format_name,duration:stream=codec_type,codec_name,width,height,avg_frame_rate,r_frame_rate,nb_frames,duration:stream_side_data=rotation";
 
 /// Probes an upload and decodes the start of the stream a job will use: the first
 /// video stream's first 10 packets, or the first audio stream's first 2 s. Headers
@@ -128,7 +218,7 @@ pub async fn probe_decoding(ffprobe: &Path, path: &Path, video: bool) -> Result<
     let (stream, interval) = if video { ("v:0", "%+#10") } else { ("a:0", "%+2") };
     let entries = format!("{ENTRIES}:frame=media_type");
     let out = run_ffprobe(ffprobe, &["-v", "error", "-select_streams", stream, "-read_intervals", interval, "-show_entries", &entries, "-of", "json"], path).await?;
-    let (info, decoded) = parse_probe_frames(&String::from_utf8_lossy(&out.stdout), size)?;
+    let (mut info, decoded) = parse_probe_frames(&String::from_utf8_lossy(&out.stdout), size)?;
     // Without the stream the caller's "has no video/audio stream" is the clearer error.
     if (video && info.has_video) || (!video && info.has_audio) {
         if !String::from_utf8_lossy(&out.stderr).trim().is_empty() {
@@ -138,14 +228,18 @@ pub async fn probe_decoding(ffprobe: &Path, path: &Path, video: bool) -> Result<
             return Err(ProbeError::Undecodable("no frame of its first stream decodes".into()));
         }
     }
+    complete(ffprobe, path, video, &mut info).await?;
     Ok(info)
 }
 
-/// Runs ffprobe on `path` (headers only: for a pipeline's output).
+/// Runs ffprobe on `path` (headers, then the packets where the headers state no duration
+/// or frame count: for a pipeline's output and an avatar's streams).
 pub async fn probe(ffprobe: &Path, path: &Path) -> Result<MediaInfo, ProbeError> {
     let size = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
     let out = run_ffprobe(ffprobe, &["-v", "error", "-show_entries", ENTRIES, "-of", "json"], path).await?;
-    parse_probe(&String::from_utf8_lossy(&out.stdout), size)
+    let mut info = parse_probe(&String::from_utf8_lossy(&out.stdout), size)?;
+    complete(ffprobe, path, info.has_video, &mut info).await?;
+    Ok(info)
 }
 
 #[cfg(test)]
@@ -176,6 +270,35 @@ mod tests {
         assert!(!m.has_video && !m.has_audio);
         let m = parse_probe(r#"{"streams":[{"codec_type":"video","codec_name":"vp8","width":0,"height":0}],"format":{"duration":"1"}}"#, 0).unwrap();
         assert!(!m.has_video);
+    }
+
+    #[test]
+    fn rotation_stills_and_missing_durations() {
+        // A portrait phone clip: stored 1920x1080, displayed rotated.
+        let json = r#"{"streams":[{"codec_type":"video","codec_name":"h264","width":1920,"height":1080,"avg_frame_rate":"30/1","nb_frames":"60","side_data_list":[{"rotation":-90}]}],"format":{"format_name":"mov,mp4","duration":"2.0"}}"#;
+        let m = parse_probe(json, 0).unwrap();
+        assert_eq!((m.width, m.height, m.rotation), (Some(1080), Some(1920), 270));
+        assert_eq!(m.duration_source, DurationSource::Container);
+        // A still: one frame, no duration of its own.
+        let m = parse_probe(r#"{"streams":[{"codec_type":"video","codec_name":"png","width":180,"height":320,"r_frame_rate":"25/1"}],"format":{"format_name":"png_pipe"}}"#, 0).unwrap();
+        assert!(m.is_still());
+        assert_eq!((m.frames, m.duration_secs), (Some(1), 0.0));
+        // A MediaRecorder webm: no duration anywhere, no frame count.
+        let m = parse_probe(r#"{"streams":[{"codec_type":"video","codec_name":"vp8","width":160,"height":120,"avg_frame_rate":"30/1"},{"codec_type":"audio","codec_name":"opus"}],"format":{"format_name":"matroska,webm"}}"#, 0).unwrap();
+        assert_eq!((m.duration_source, m.frames), (DurationSource::Unknown, None));
+        // Stream durations when the container has none.
+        let m = parse_probe(r#"{"streams":[{"codec_type":"audio","codec_name":"opus","duration":"4.5"}],"format":{"format_name":"ogg"}}"#, 0).unwrap();
+        assert_eq!((m.duration_source, m.duration_secs), (DurationSource::Stream, 4.5));
+    }
+
+    #[test]
+    fn packet_spans_measure_from_the_first_timestamp_to_the_end_of_the_last_packet() {
+        let (secs, n) = packet_span("-0.006500,0.020000\n0.013500,0.020000\n2.993500,0.020000\n").unwrap();
+        assert!((secs - 3.02).abs() < 1e-9, "{secs}");
+        assert_eq!(n, 3);
+        assert_eq!(packet_span("N/A,N/A\n0.5,N/A\n1.0,0.04\n").map(|(s, n)| ((s * 100.0).round(), n)), Some((54.0, 2)));
+        assert_eq!(packet_span(""), None);
+        assert_eq!(packet_span("0.0,0.0\n"), None, "no time at all is not a duration");
     }
 
     #[test]

@@ -88,6 +88,38 @@ pub trait Backend: Send + Sync + 'static {
     /// `output_discovery`: after the process ended, decide success from what it said
     /// and did (not only its exit code) and return the output video.
     fn discover(&self, job: &JobInput, outcome: &ProcessOutcome, parser: &dyn StageParser) -> Result<PathBuf, PipelineError>;
+
+    /// What a whole output of this job is, when the backend knows it: `output_discovery`
+    /// probes the output against it, so a render that lost frames (a decoder out of
+    /// memory, a truncated write) fails instead of succeeding. `None`: not checked.
+    fn expected_output(&self, _job: &JobInput) -> Option<ExpectedOutput> {
+        None
+    }
+}
+
+/// The length and frame count a complete output has.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpectedOutput {
+    pub seconds: f64,
+    pub frames: u64,
+    pub fps: f64,
+}
+
+impl ExpectedOutput {
+    /// Why `info` is not a whole output, if it is not: its frame count (±1) and its
+    /// length (±1 frame, + the AAC encoder's padding) against these.
+    pub fn mismatch(&self, info: &MediaInfo) -> Option<String> {
+        if let Some(frames) = info.frames
+            && frames.abs_diff(self.frames) > 1
+        {
+            return Some(format!("the output has {frames} frames, {} expected: the render lost frames", self.frames));
+        }
+        let slack = 1.0 / self.fps + 0.05;
+        if (info.duration_secs - self.seconds).abs() > slack {
+            return Some(format!("the output lasts {:.3} s, {:.3} s expected: the render is incomplete", info.duration_secs, self.seconds));
+        }
+        None
+    }
 }
 
 /// The backend the configuration asks for.

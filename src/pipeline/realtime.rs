@@ -64,6 +64,10 @@ pub trait Slot: Send {
     fn pid(&self) -> Option<u32>;
     fn prepare<'a>(&'a mut self, req: &'a PrepareRequest, sink: Sink<'a>, cancel: &'a CancellationToken, timeout: Duration) -> BoxFuture<'a, Result<(), PipelineError>>;
     fn infer<'a>(&'a mut self, req: &'a InferRequest, sink: Sink<'a>, cancel: &'a CancellationToken, timeout: Duration) -> BoxFuture<'a, Result<(), PipelineError>>;
+    /// What a whole output of `req` is, when the engine knows it (checked by `output_discovery`).
+    fn expected_output(&self, _req: &InferRequest) -> Option<super::ExpectedOutput> {
+        None
+    }
 }
 
 pub trait RealtimeEngine: Send + Sync {
@@ -263,18 +267,13 @@ impl Slot for PreviewSlot {
         })
     }
 
+    fn expected_output(&self, req: &InferRequest) -> Option<super::ExpectedOutput> {
+        super::Backend::expected_output(&super::preview::Preview::new(&self.config), &preview_job(req))
+    }
+
     fn infer<'a>(&'a mut self, req: &'a InferRequest, sink: Sink<'a>, cancel: &'a CancellationToken, timeout: Duration) -> BoxFuture<'a, Result<(), PipelineError>> {
         Box::pin(async move {
-            let job = JobInput {
-                job_id: req.job_id.clone(),
-                dir: req.job_dir.clone(),
-                video: req.avatar_video.clone(),
-                audio: req.audio.clone(),
-                video_info: req.avatar_video_info.clone(),
-                audio_info: req.audio_info.clone(),
-                bbox_shift: None,
-                batch_size: req.batch_size,
-            };
+            let job = preview_job(req);
             let backend = super::preview::Preview::new(&self.config);
             let inv = super::Backend::prepare(&backend, &job)?;
             let parser = super::Backend::stage_parser(&backend, &job);
@@ -283,6 +282,20 @@ impl Slot for PreviewSlot {
             std::fs::rename(&out, &req.output).map_err(|e| PipelineError::Output(format!("moving {} to {}: {e}", out.display(), req.output.display())))?;
             Ok(())
         })
+    }
+}
+
+/// A speak as the preview backend's job: the avatar's video, the clip's audio.
+fn preview_job(req: &InferRequest) -> JobInput {
+    JobInput {
+        job_id: req.job_id.clone(),
+        dir: req.job_dir.clone(),
+        video: req.avatar_video.clone(),
+        audio: req.audio.clone(),
+        video_info: req.avatar_video_info.clone(),
+        audio_info: req.audio_info.clone(),
+        bbox_shift: None,
+        batch_size: req.batch_size,
     }
 }
 

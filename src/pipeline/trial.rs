@@ -94,9 +94,8 @@ pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String
     if !out.has_video {
         return Err(format!("output_discovery: the trial output {} has no video stream", output.display()));
     }
-    // The output lasts as long as the audio (one frame of slack, and the AAC padding).
-    if (out.duration_secs - CLIP_SECONDS).abs() > 0.1 {
-        return Err(format!("output_discovery: the trial output lasts {:.3} s, its audio {CLIP_SECONDS} s", out.duration_secs));
+    if let Some(why) = backend.expected_output(&job).and_then(|e| e.mismatch(&out)) {
+        return Err(format!("output_discovery: the trial output: {why}"));
     }
     Ok(Trial { seconds: started.elapsed().as_secs_f64(), output_seconds: out.duration_secs, output_bytes: out.size_bytes })
 }

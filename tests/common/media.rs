@@ -87,7 +87,7 @@ pub fn duration(path: &Path) -> f64 {
 }
 
 /// Runs ffmpeg with `args` into the cache as `name`, unless it is there already.
-fn make(name: &str, args: &[&str]) -> PathBuf {
+pub fn make(name: &str, args: &[&str]) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("media");
     let out = dir.join(name);
     if out.exists() {
