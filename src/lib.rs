@@ -65,8 +65,11 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
     let backend = pipeline::build(&config);
     let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
-    let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.handle());
-    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), realtime.clone(), metrics.clone(), collector.handle());
+    // One budget for every pipeline run on this host: simple jobs, and realtime jobs of
+    // the preview engine (a worker engine's workers are their own budget, one job each).
+    let run_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs));
+    let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.handle(), run_slots.clone());
+    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), realtime.clone(), metrics.clone(), collector.handle(), run_slots);
     let orphans = pipeline::groups::init(&config.data_dir.join("run").join("groups"));
     if orphans > 0 {
         tracing::warn!(groups = orphans, "killed pipeline processes left by an earlier run");

@@ -358,3 +358,131 @@ async fn realtime_off_for_non_preview_backends_says_how_to_turn_it_on() {
     assert_eq!(v["error"], "realtime_unavailable");
     assert!(v["detail"].as_str().unwrap().contains("--realtime"), "{v}");
 }
+
+/// `(status, body)` of `POST /v1/avatars/{id}/speak` with `Prefer: respond-async`.
+async fn speak_async(svc: &Service, id: &str, audio: &Path) -> (StatusCode, Value) {
+    let form = Form::new().part("audio", part(audio, "a.wav"));
+    json_of(svc.client().post(svc.url(&format!("/v1/avatars/{id}/speak"))).header("Prefer", "respond-async").multipart(form).send().await.unwrap()).await
+}
+
+async fn prepare_with(svc: &Service, id: &str, video: &Path) -> (StatusCode, Value) {
+    let form = Form::new().text("avatar_id", id.to_string()).part("video", part(video, "v.mp4"));
+    json_of(svc.client().post(svc.url("/v1/avatars")).multipart(form).send().await.unwrap()).await
+}
+
+/// Waits for a job to end; returns its status.
+async fn wait_job(svc: &Service, job: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = json_of(svc.get(&format!("/v1/jobs/{job}")).await).await;
+        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&v["state"].as_str().unwrap_or_default()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {job} did not end: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// PSNR (dB) of the first frame of `a` against the first frame of `b`.
+fn first_frame_psnr(a: &Path, b: &Path) -> f64 {
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "info", "-nostats", "-i"])
+        .arg(a)
+        .arg("-i")
+        .arg(b)
+        .args(["-lavfi", "[0:v]scale=320:240,format=yuv420p[x];[1:v]scale=320:240,format=yuv420p[y];[x][y]psnr", "-frames:v", "1", "-f", "null", "-"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let v = err.split("average:").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no PSNR: {err}")).to_string();
+    if v == "inf" { 99.0 } else { v.parse().unwrap() }
+}
+
+/// Speaks hold their avatar: DELETE while one runs and one waits is refused
+/// (`409 avatar_busy`), so is re-creating the id, and both speaks render the avatar they
+/// were accepted for; once they are done the avatar is deleted, re-created from another
+/// video, and speaks with that one. `--max-concurrent-jobs 1` is one budget for all:
+/// the second speak waits while the first runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaks_hold_their_avatar_against_delete_and_re_creation() {
+    let svc = ServiceBuilder::new().args(["--max-concurrent-jobs", "1"]).start().await;
+    svc.wait_ready().await;
+    let old_video = common::media::video(640, 480, 25, 2);
+    let new_video = common::media::make("smptebars-640x480-25fps-2s.mp4", &["-f", "lavfi", "-i", "smptebars=size=640x480:rate=25", "-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264"]);
+    let long = common::media::sine(440, 30, 16_000);
+    let (status, v) = prepare_with(&svc, "held", &old_video).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(wait_avatar(&svc, "held").await["state"], "ready");
+
+    let (s1, j1) = speak_async(&svc, "held", &long).await;
+    let (s2, j2) = speak_async(&svc, "held", &long).await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED), "{j1} {j2}");
+    let (id1, id2) = (j1["job_id"].as_str().unwrap().to_string(), j2["job_id"].as_str().unwrap().to_string());
+    // One run slot for everything: while the first renders, the second waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, a) = json_of(svc.get(&format!("/v1/jobs/{id1}")).await).await;
+        let (_, b) = json_of(svc.get(&format!("/v1/jobs/{id2}")).await).await;
+        assert!(!(a["state"] == "running" && b["state"] == "running"), "two renders at once under --max-concurrent-jobs 1");
+        if a["state"] == "running" && b["state"] == "queued" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw one running and one queued: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let r = svc.client().delete(svc.url("/v1/avatars/held")).send().await.unwrap();
+    let (status, v) = json_of(r).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"], "avatar_busy", "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("2 speak"), "{v}");
+    let (status, v) = prepare_with(&svc, "held", &new_video).await;
+    assert_eq!(status, StatusCode::CONFLICT, "re-creating a held id is refused: {v}");
+    assert_eq!(v["error"], "avatar_exists", "{v}");
+
+    for id in [&id1, &id2] {
+        let done = wait_job(&svc, id).await;
+        assert_eq!(done["state"], "succeeded", "{done}\n{}", svc.logs());
+        let out = download(&svc, &format!("/v1/jobs/{id}/output")).await;
+        assert!(first_frame_psnr(&out, &old_video) > 30.0, "job {id} rendered the avatar it was accepted for");
+    }
+    let r = svc.client().delete(svc.url("/v1/avatars/held")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    // Re-created from the other video: its speaks show that one, never the old one.
+    let (status, v) = prepare_with(&svc, "held", &new_video).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(wait_avatar(&svc, "held").await["state"], "ready");
+    let (status, v) = speak(&svc, "held").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let out = download(&svc, v["output_url"].as_str().unwrap()).await;
+    assert!(first_frame_psnr(&out, &new_video) > 30.0, "the re-created avatar's video");
+    assert!(first_frame_psnr(&out, &old_video) < 20.0, "not the old one's");
+    let names: Vec<String> = std::fs::read_dir(svc.data_dir().join("avatars/held")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains(&id1) && !n.contains(&id2)), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("source-")) && names.iter().any(|n| n.starts_with("material-")), "per-preparation names: {names:?}");
+}
+
+/// An avatar id sent before the video is reserved before the upload is read: a taken
+/// id is refused while the video is still on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_avatar_id_is_refused_before_the_upload() {
+    let svc = ServiceBuilder::new().start().await;
+    svc.wait_ready().await;
+    let (status, v) = prepare(&svc, "taken").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    wait_avatar(&svc, "taken").await;
+    // The id part, then the first KiB of the video; the rest is never sent.
+    let video = std::fs::read(&media().video).unwrap();
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<u8>, std::io::Error>>();
+    tx.unbounded_send(Ok(video[..1024].to_vec())).unwrap();
+    let form = Form::new().text("avatar_id", "taken").part("video", reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(rx)).file_name("v.mp4"));
+    let r = tokio::time::timeout(Duration::from_secs(10), svc.client().post(svc.url("/v1/avatars")).multipart(form).send())
+        .await
+        .expect("the refusal must come while the upload is held")
+        .unwrap();
+    let (status, v) = json_of(r).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"], "avatar_exists", "{v}");
+    drop(tx);
+}

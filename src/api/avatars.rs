@@ -22,6 +22,7 @@ impl From<AvatarError> for ApiError {
             AvatarError::NotFound(_) => return ApiError::not_found("avatar_not_found", e.to_string()),
             AvatarError::Preparing(_) => "avatar_preparing",
             AvatarError::Failed { .. } => "avatar_failed",
+            AvatarError::Busy { .. } => "avatar_busy",
         };
         ApiError::new(StatusCode::CONFLICT, code, e.to_string())
     }
@@ -141,7 +142,9 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
                     dup(id.is_some())?;
                     let v = text_field(field).await?;
                     valid_avatar_id(&v)?;
-                    id = Some(v);
+                    // Held from here: sent before the video, a taken id is refused
+                    // before a byte of the upload is read.
+                    id = Some(st.jobs.avatars.reserve(&v)?);
                 }
                 "bbox_shift" => {
                     dup(bbox.is_some())?;
@@ -167,25 +170,20 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     })
     .instrument(span.clone())
     .await;
-    let (id, upload, info, bbox) = match received {
+    let (reservation, upload, info, bbox) = match received {
         Ok(r) => r,
         Err(e) => return Err(reject(&st, &job, &span, e)),
     };
-    if let Err(e) = st.jobs.avatars.reserve(&id) {
-        return Err(reject(&st, &job, &span, e.into()));
-    }
-    // The avatar's home: data/avatars/{id}/source.{ext} (+ material/ from the engine).
-    let dir = st.config.avatars_dir().join(&id);
+    // This preparation's own names (the job id is the generation).
     let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
-    let source = dir.join(format!("source.{ext}"));
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&upload, &source)) {
-        st.jobs.avatars.unreserve(&id);
+    let paths = crate::jobs::avatars::paths(&st.config.avatars_dir(), reservation.id(), &job.id, &ext);
+    if let Err(e) = std::fs::create_dir_all(&paths.dir).and_then(|_| std::fs::rename(&upload, &paths.source)) {
         return Err(reject(&st, &job, &span, storage_error(e, "storing the avatar video")));
     }
     span.record("musetalk.input.video.bytes", info.size_bytes as i64);
     span.record("musetalk.input.video.seconds", info.duration_secs);
     drop(span);
-    let avatar = st.jobs.avatars.insert(&id, dir, source, info, bbox, job.id.clone());
+    let avatar = st.jobs.avatars.insert(reservation, paths, info, bbox, job.id.clone());
     st.jobs.start(job.clone(), admission, Work::Prepare { avatar: avatar.clone() }, t0.elapsed().as_secs_f64());
     let body = AvatarPrepared { avatar: avatar.info(), job_id: job.id.clone(), trace_id: job.trace_id.clone() };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
@@ -217,7 +215,8 @@ pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> R
     Ok(Json(st.jobs.avatars.get(&id)?.info()))
 }
 
-/// Removes an avatar and its files; refused while it is being prepared.
+/// Removes an avatar and its files; refused while it is being prepared or while speaks
+/// accepted for it are queued or running.
 #[utoipa::path(
     delete,
     path = "/v1/avatars/{id}",
@@ -226,7 +225,7 @@ pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> R
     responses(
         (status = 204, description = "Removed"),
         (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
-        (status = 409, description = "`avatar_preparing`: wait until it is `ready` or `failed`", body = super::ErrorBody),
+        (status = 409, description = "`avatar_preparing`: wait until it is `ready` or `failed`; `avatar_busy`: speaks are queued or running for it, DELETE once they finish", body = super::ErrorBody),
     )
 )]
 pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {

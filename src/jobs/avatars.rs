@@ -21,12 +21,18 @@ pub enum AvatarState {
     Failed,
 }
 
-/// One avatar: `data/avatars/{id}/` holds `source.{ext}` and `material/`.
+/// One avatar: `data/avatars/{id}/` holds `avatar.json`, and this preparation's
+/// `source-{generation}.{ext}` and `material-{generation}/` (the generation is the
+/// preparation job's id): a re-created avatar's files never carry an old one's names.
 #[derive(Debug)]
 pub struct Avatar {
     pub id: String,
     pub dir: PathBuf,
     pub video: PathBuf,
+    /// The engine's prepared material for this generation.
+    pub material: PathBuf,
+    /// Speaks accepted for this avatar and not finished (their [`AvatarLease`]s).
+    users: std::sync::atomic::AtomicUsize,
     pub video_info: MediaInfo,
     pub bbox_shift: Option<i32>,
     pub created: SystemTime,
@@ -49,12 +55,32 @@ struct Manifest {
     engine: String,
     /// The source video's file name, inside the avatar's dir.
     video: String,
+    /// The material dir's name inside the avatar's dir (`material` before generations).
+    #[serde(default = "legacy_material")]
+    material: String,
     video_info: MediaInfo,
     bbox_shift: Option<i32>,
     created_unix_ms: u64,
     prepare_job_id: String,
     state: AvatarState,
     error: Option<String>,
+}
+
+fn legacy_material() -> String {
+    "material".into()
+}
+
+/// Where one preparation of an avatar lives (see [`Avatar`]).
+pub struct AvatarPaths {
+    pub dir: PathBuf,
+    pub source: PathBuf,
+    pub material: PathBuf,
+}
+
+/// `root/{id}/source-{generation}.{ext}` and `root/{id}/material-{generation}/`.
+pub fn paths(root: &Path, id: &str, generation: &str, ext: &str) -> AvatarPaths {
+    let dir = root.join(id);
+    AvatarPaths { source: dir.join(format!("source-{generation}.{ext}")), material: dir.join(format!("material-{generation}")), dir }
 }
 
 /// What `GET /v1/avatars` lists.
@@ -80,7 +106,12 @@ pub struct AvatarInfo {
 
 impl Avatar {
     pub fn material_dir(&self) -> PathBuf {
-        self.dir.join("material")
+        self.material.clone()
+    }
+
+    /// Speaks holding it now.
+    pub fn users(&self) -> usize {
+        self.users.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn state(&self) -> AvatarState {
@@ -103,6 +134,7 @@ impl Avatar {
             avatar_id: self.id.clone(),
             engine: self.engine.clone(),
             video: self.video.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            material: self.material.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             video_info: self.video_info.clone(),
             bbox_shift: self.bbox_shift,
             created_unix_ms: self.created.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -144,10 +176,50 @@ pub enum AvatarError {
     Preparing(String),
     #[error("avatar `{id}` failed to prepare: {why}; DELETE it and prepare it again")]
     Failed { id: String, why: String },
+    #[error("avatar `{id}` is in use by {speaks} speak(s) queued or running; DELETE it once they have finished")]
+    Busy { id: String, speaks: usize },
 }
 
-/// Avatars by id. Reservation happens before the upload, so two requests for one id
-/// cannot both win.
+/// A speak's hold on its avatar, from before its upload is read until the job ends:
+/// while any exists the avatar cannot be deleted (so its files cannot vanish under a
+/// running job, and a re-created avatar is never read by a job accepted for the old one).
+#[derive(Debug)]
+pub struct AvatarLease(Arc<Avatar>);
+
+impl std::ops::Deref for AvatarLease {
+    type Target = Arc<Avatar>;
+    fn deref(&self) -> &Arc<Avatar> {
+        &self.0
+    }
+}
+
+impl Drop for AvatarLease {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// An avatar id held from the moment its `avatar_id` part is read until the avatar is
+/// inserted ([`AvatarStore::insert`]) or the upload fails (dropped: released).
+pub struct Reservation<'a> {
+    store: &'a AvatarStore,
+    id: String,
+}
+
+impl Reservation<'_> {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.store.unreserve(&self.id);
+    }
+}
+
+/// Avatars by id. An id is reserved as soon as its `avatar_id` part is read (before the
+/// video when the client sends the id first), so two requests for one id cannot both win.
 pub struct AvatarStore {
     /// The realtime engine of this run: material of another engine is not served.
     engine: String,
@@ -200,6 +272,7 @@ impl AvatarStore {
                 }
             };
             let video = dir.join(&m.video);
+            let material = dir.join(if m.material.is_empty() || m.material.contains('/') { "material" } else { m.material.as_str() });
             let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
                 Some((format!("its source video `{}` is missing", m.video), false))
             } else {
@@ -215,6 +288,8 @@ impl AvatarStore {
                 id: m.avatar_id.clone(),
                 dir,
                 video,
+                material,
+                users: Default::default(),
                 video_info: m.video_info,
                 bbox_shift: m.bbox_shift,
                 created: UNIX_EPOCH + Duration::from_millis(m.created_unix_ms),
@@ -240,27 +315,30 @@ impl AvatarStore {
         found
     }
 
-    /// Reserves `id` while its video uploads. `Err` if it exists or is being uploaded.
-    pub fn reserve(&self, id: &str) -> Result<(), AvatarError> {
+    /// Reserves `id` while its video uploads (or while it is being deleted). `Err` if it
+    /// exists or is reserved.
+    pub fn reserve(&self, id: &str) -> Result<Reservation<'_>, AvatarError> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         if map.contains_key(id) || !reserved.insert(id.to_string()) {
             return Err(AvatarError::Exists(id.to_string()));
         }
-        Ok(())
+        Ok(Reservation { store: self, id: id.to_string() })
     }
 
-    pub fn unreserve(&self, id: &str) {
+    fn unreserve(&self, id: &str) {
         self.reserved.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
     /// Turns a reservation into an avatar in `preparing`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn insert(&self, id: &str, dir: PathBuf, video: PathBuf, video_info: MediaInfo, bbox_shift: Option<i32>, prepare_job: String) -> Arc<Avatar> {
+    pub fn insert(&self, reservation: Reservation<'_>, paths: AvatarPaths, video_info: MediaInfo, bbox_shift: Option<i32>, prepare_job: String) -> Arc<Avatar> {
+        let id = reservation.id.clone();
         let a = Arc::new(Avatar {
-            id: id.to_string(),
-            dir,
-            video,
+            id: id.clone(),
+            dir: paths.dir,
+            video: paths.source,
+            material: paths.material,
+            users: Default::default(),
             video_info,
             bbox_shift,
             created: SystemTime::now(),
@@ -270,10 +348,11 @@ impl AvatarStore {
             state: Mutex::new((AvatarState::Preparing, None)),
         });
         if let Err(e) = a.persist() {
-            tracing::warn!(avatar = id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
+            tracing::warn!(avatar = %id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
         }
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), a.clone());
-        self.unreserve(id);
+        // In the map before the reservation is released: the id is never free between.
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id, a.clone());
+        drop(reservation);
         a
     }
 
@@ -281,12 +360,17 @@ impl AvatarStore {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))
     }
 
-    /// The avatar if it is ready to speak.
-    pub fn ready(&self, id: &str) -> Result<Arc<Avatar>, AvatarError> {
-        let a = self.get(id)?;
+    /// The avatar, leased, if it is ready to speak. The lease is taken under the map's
+    /// lock, the one [`remove`](Self::remove) checks leases under: no delete slips between.
+    pub fn ready(&self, id: &str) -> Result<AvatarLease, AvatarError> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
         let (state, error) = a.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match state {
-            AvatarState::Ready => Ok(a),
+            AvatarState::Ready => {
+                a.users.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                Ok(AvatarLease(a))
+            }
             AvatarState::Preparing => Err(AvatarError::Preparing(id.to_string())),
             AvatarState::Failed => Err(AvatarError::Failed { id: id.to_string(), why: error.unwrap_or_default() }),
         }
@@ -298,15 +382,24 @@ impl AvatarStore {
         v
     }
 
-    /// Removes the avatar and its files; refused while it is being prepared.
+    /// Removes the avatar and its files; refused while it is being prepared or while
+    /// speaks hold it (`Busy`: the client retries once they finish — refusing, rather
+    /// than waiting, keeps DELETE's answer immediate and its outcome unambiguous).
     pub fn remove(&self, id: &str) -> Result<(), AvatarError> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
         if a.state() == AvatarState::Preparing {
             return Err(AvatarError::Preparing(id.to_string()));
         }
+        let speaks = a.users();
+        if speaks > 0 {
+            return Err(AvatarError::Busy { id: id.to_string(), speaks });
+        }
         map.remove(id);
+        // Held while the files go: a new preparation of this id waits for the dir to be gone.
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
         drop(map);
+        let _deleting = Reservation { store: self, id: id.to_string() };
         if let Err(e) = std::fs::remove_dir_all(&a.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -325,32 +418,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = AvatarStore::new("preview");
         std::fs::create_dir_all(dir.path().join("alice")).unwrap();
-        s.reserve("alice").unwrap();
+        let r = s.reserve("alice").unwrap();
         assert!(matches!(s.reserve("alice"), Err(AvatarError::Exists(_))), "a second upload for the same id is refused");
-        let a = s.insert("alice", dir.path().join("alice"), dir.path().join("alice/source.mp4"), MediaInfo::default(), None, "job1".into());
+        let a = s.insert(r, paths(dir.path(), "alice", "job1", "mp4"), MediaInfo::default(), None, "job1".into());
         assert!(matches!(s.reserve("alice"), Err(AvatarError::Exists(_))));
         assert!(matches!(s.ready("alice"), Err(AvatarError::Preparing(_))));
         assert!(matches!(s.remove("alice"), Err(AvatarError::Preparing(_))));
         a.set_state(AvatarState::Failed, Some("no face".into()));
         assert!(matches!(s.ready("alice"), Err(AvatarError::Failed { .. })));
         a.set_state(AvatarState::Ready, None);
-        assert!(s.ready("alice").is_ok());
+        // Leased by two speaks: DELETE is refused until both are done.
+        let (l1, l2) = (s.ready("alice").unwrap(), s.ready("alice").unwrap());
+        assert!(matches!(s.remove("alice"), Err(AvatarError::Busy { speaks: 2, .. })));
+        drop(l1);
+        assert!(matches!(s.remove("alice"), Err(AvatarError::Busy { speaks: 1, .. })));
+        drop(l2);
         assert_eq!(s.list().len(), 1);
         s.remove("alice").unwrap();
         assert!(matches!(s.get("alice"), Err(AvatarError::NotFound(_))));
+        assert!(s.reserve("alice").is_ok(), "free again once its files are gone");
+        let r = s.reserve("bob").unwrap();
+        drop(r);
         s.reserve("bob").unwrap();
-        s.unreserve("bob");
-        s.reserve("bob").unwrap();
+        // A re-created avatar's files have names of their own.
+        let (old, new) = (paths(dir.path(), "x", "job1", "mp4"), paths(dir.path(), "x", "job2", "mp4"));
+        assert_eq!(old.dir, new.dir);
+        assert!(old.source != new.source && old.material != new.material);
     }
 
     /// An avatar prepared by `engine` in a fresh store over `root`, left in `state`.
     fn prepared(root: &Path, id: &str, engine: &str, state: AvatarState, error: Option<&str>) {
         let s = AvatarStore::new(engine);
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("source.mp4"), b"video").unwrap();
+        let p = paths(root, id, &format!("job-{id}"), "mp4");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        std::fs::write(&p.source, b"video").unwrap();
         let info = MediaInfo { duration_secs: 2.0, has_video: true, width: Some(128), ..MediaInfo::default() };
-        let a = s.insert(id, dir.clone(), dir.join("source.mp4"), info, Some(-3), format!("job-{id}"));
+        let a = s.insert(s.reserve(id).unwrap(), p, info, Some(-3), format!("job-{id}"));
         if state != AvatarState::Preparing {
             a.set_state(state, error.map(str::to_string));
         }
@@ -365,7 +468,7 @@ mod tests {
         prepared(root, "cut", "worker", AvatarState::Preparing, None);
         prepared(root, "failed", "worker", AvatarState::Failed, Some("face_detection: no face"));
         prepared(root, "novideo", "worker", AvatarState::Ready, None);
-        std::fs::remove_file(root.join("novideo/source.mp4")).unwrap();
+        std::fs::remove_file(root.join("novideo/source-job-novideo.mp4")).unwrap();
         std::fs::create_dir_all(root.join("nomanifest/material")).unwrap();
         std::fs::create_dir_all(root.join("garbled")).unwrap();
         std::fs::write(root.join("garbled").join(MANIFEST), b"{not json").unwrap();
@@ -378,7 +481,8 @@ mod tests {
         let info = a.info();
         assert!(info.restored);
         assert_eq!((info.prepare_job_id.as_str(), a.bbox_shift, info.video_seconds, info.width), ("job-ready", Some(-3), Some(2.0), Some(128)));
-        assert_eq!(a.video, root.join("ready/source.mp4"));
+        assert_eq!(a.video, root.join("ready/source-job-ready.mp4"));
+        assert_eq!(a.material_dir(), root.join("ready/material-job-ready"));
 
         let why = |id: &str| match s.ready(id) {
             Err(AvatarError::Failed { why, .. }) => why,

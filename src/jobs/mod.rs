@@ -45,7 +45,8 @@ pub enum Work {
     /// Realtime: prepare an avatar (its video is the input).
     Prepare { avatar: Arc<avatars::Avatar> },
     /// Realtime: speak a clip with a prepared avatar.
-    Speak { avatar: Arc<avatars::Avatar>, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32> },
+    /// The lease keeps the avatar from being deleted until the job ends.
+    Speak { avatar: avatars::AvatarLease, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32> },
 }
 
 impl Work {
@@ -329,10 +330,11 @@ pub struct JobManager {
 }
 
 impl JobManager {
-    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<Self> {
+    /// `slots` is the run budget (`--max-concurrent-jobs`) shared with the preview realtime engine.
+    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
         let avatars = avatars::AvatarStore::new(realtime.name());
         let m = Arc::new(JobManager {
-            slots: Arc::new(Semaphore::new(config.max_concurrent_jobs)),
+            slots,
             config,
             backend,
             metrics,

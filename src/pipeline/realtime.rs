@@ -84,14 +84,16 @@ pub trait RealtimeEngine: Send + Sync {
 }
 
 /// The engine the configuration asks for.
-pub fn build(config: &Config, metrics: Arc<Metrics>, collector: CollectorHandle) -> Arc<dyn RealtimeEngine> {
+/// `run_slots` is the service's `--max-concurrent-jobs` budget: the preview engine runs
+/// its renders under it, so simple and realtime work together never exceed it.
+pub fn build(config: &Config, metrics: Arc<Metrics>, collector: CollectorHandle, run_slots: Arc<Semaphore>) -> Arc<dyn RealtimeEngine> {
     let worker_argv = match (&config.worker_command, config.backend) {
         (Some(cmd), _) => shell_words::split(cmd).ok(),
         (None, BackendKind::Musetalk) => Some(default_musetalk_worker(config)),
         (None, _) => None,
     };
     match (config.backend, config.realtime, worker_argv) {
-        (BackendKind::Preview, _, None) => Arc::new(PreviewEngine { slots: Arc::new(Semaphore::new(config.max_concurrent_jobs)), config: config.clone() }),
+        (BackendKind::Preview, _, None) => Arc::new(PreviewEngine { slots: run_slots, config: config.clone() }),
         (_, true, Some(argv)) if !argv.is_empty() => {
             let cwd = config.musetalk_dir.clone().filter(|_| config.backend == BackendKind::Musetalk).unwrap_or_else(|| config.data_dir.clone());
             let specs = config
