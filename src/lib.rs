@@ -100,7 +100,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let mut servers = tokio::task::JoinSet::new();
     let graceful = shutdown.clone();
     servers.spawn(
-        axum::serve(listener, api::app(state.clone()).into_make_service())
+        axum::serve(listener, api::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move { graceful.cancelled().await })
             .into_future(),
     );
@@ -110,7 +110,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         admin_local = Some(admin.local_addr().map_err(RunError::Serve)?);
         let graceful = shutdown.clone();
         servers.spawn(
-            axum::serve(admin, api::admin_router(state.clone()).into_make_service())
+            axum::serve(admin, api::admin_router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
                 .into_future(),
         );

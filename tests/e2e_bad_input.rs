@@ -211,6 +211,10 @@ async fn every_bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
         if !ok {
             failures.push(format!("{}: expected {} {}, got {status} [{ct}] {body}", c.name, c.status, c.code));
         }
+        // The cause, not only ffmpeg's generic verdict ("Invalid data found…").
+        if c.name == "truncated mp4" && !body.contains("moov atom not found") {
+            failures.push(format!("{}: the detail hides the cause: {body}", c.name));
+        }
         // Every refusal leaves no job dir behind.
         let jobs: Vec<_> = std::fs::read_dir(data.join("jobs")).unwrap().flatten().collect();
         if !jobs.is_empty() {
@@ -221,6 +225,15 @@ async fn every_bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    // One log line per refusal: its code, route and client address; never the upload.
+    let refusals: Vec<Value> = svc.log_records().into_iter().filter(|r| r["fields"]["message"].as_str().is_some_and(|m| m.starts_with("request refused"))).collect();
+    assert_eq!(refusals.len(), cases.len(), "one line per refused request:\n{}", svc.logs());
+    for (r, c) in refusals.iter().zip(&cases) {
+        assert_eq!(r["fields"]["code"], c.code, "{r}");
+        assert!(r["fields"]["client"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{r}");
+        assert!(r["fields"]["route"].is_string(), "{r}");
+    }
+    assert!(!svc.logs().contains("ftyp") && !svc.logs().contains("RIFF"), "upload content reached the logs");
     // Nothing appeared outside the data dir's own folders.
     let after = tree(outer.path());
     let new: Vec<_> = after.iter().filter(|p| !before.contains(p)).filter(|p| !p.starts_with(data.join("jobs")) && !p.starts_with(data.join("avatars"))).collect();

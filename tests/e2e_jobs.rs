@@ -527,6 +527,8 @@ async fn musetalk_crash_fails_the_job_with_exit_code_and_traceback() {
     assert!(detail.contains("exit code 1"), "{detail}");
     assert!(detail.contains("CUDA error: out of memory"), "the traceback's tail is in the detail: {detail}");
     assert_eq!(body["report"]["subprocess"]["exit_code"], 1, "{body}");
+    assert_eq!(body["report"]["error"]["step"], "subprocess_execution", "the step that failed, not the one that noticed: {body}");
+    assert!(detail.starts_with("subprocess_execution: "), "{detail}");
     let plain = metrics_text(&svc).await;
     assert_eq!(sample(&plain, r#"musetalk_subprocess_exits_total{backend="musetalk",code="1"}"#), Some(1.0), "{plain}");
 }
@@ -571,7 +573,8 @@ async fn full_queue_answers_429_and_queued_jobs_all_run() {
     let r = submit(&svc, good_form(), true).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = r.headers().get("retry-after").expect("429 has Retry-After").to_str().unwrap().parse().unwrap();
-    assert!(retry >= 1, "{retry}");
+    // No job has finished yet: 5 s assumed for each of the 3 ahead, on 1 slot.
+    assert_eq!(retry, 15, "{retry}");
     let (_, body) = json_of(r).await;
     assert_eq!(body["error"], "queue_full", "{body}");
     assert!(body["detail"].is_string(), "{body}");
@@ -603,6 +606,22 @@ async fn full_queue_answers_429_and_queued_jobs_all_run() {
     let waits = sample(&plain, r#"musetalk_queue_wait_seconds_count{mode="simple"}"#).unwrap_or_else(|| panic!("no queue wait count:\n{plain}"));
     assert!(waits >= 3.0, "{waits}");
     assert_eq!(sample(&plain, r#"musetalk_jobs_total{mode="simple",backend="musetalk",outcome="succeeded"}"#), Some(3.0));
+    // Full again: Retry-After now comes from what the jobs really took (each sleeps 2 s
+    // in the fixture, plus its start): 3 ahead of ~2–4 s, not 3 × the assumed 5 s.
+    let again: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(accepted_id(submit(&svc, good_form(), true).await).await);
+        }
+        v
+    };
+    let r = submit(&svc, good_form(), true).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((6..15).contains(&retry), "Retry-After {retry} s after jobs of about 2 s each");
+    for id in &again {
+        assert_eq!(svc.client().delete(svc.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), StatusCode::OK);
+    }
     // The queue is free again.
     let id = accepted_id(submit(&svc, good_form(), true).await).await;
     assert_eq!(svc.client().delete(svc.url(&format!("/v1/jobs/{id}"))).send().await.unwrap().status(), StatusCode::OK);

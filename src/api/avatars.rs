@@ -84,7 +84,7 @@ fn realtime_enabled(st: &AppState) -> Result<(), ApiError> {
 
 fn admit(st: &AppState) -> Result<crate::jobs::Admission, ApiError> {
     st.jobs.admit(MODE_REALTIME).map_err(|e| {
-        let retry = st.jobs.retry_after_secs();
+        let retry = st.jobs.retry_after_secs(MODE_REALTIME);
         ApiError::from(e).with_retry_after(retry)
     })
 }

@@ -15,6 +15,10 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
+/// The stable code of an error response, carried to the HTTP middleware.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 /// An error on its way to the client: a status, a stable code, a detail, maybe Retry-After.
 #[derive(Debug)]
 pub struct ApiError {
@@ -50,6 +54,8 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorBody { error: self.code.to_string(), detail: self.detail };
         let mut resp = (self.status, axum::Json(body)).into_response();
+        // For the one log line per refusal the HTTP layer writes (it sees route and client).
+        resp.extensions_mut().insert(ErrorCode(self.code));
         if let Some(s) = self.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -189,7 +189,7 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
     let mut multipart = multipart.map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with `video` and `audio` parts ({e})")))?;
     // Refuse before reading a byte of a possibly huge upload.
     let admission = st.jobs.admit(MODE_SIMPLE).map_err(|e| {
-        let retry = st.jobs.retry_after_secs();
+        let retry = st.jobs.retry_after_secs(MODE_SIMPLE);
         ApiError::from(e).with_retry_after(retry)
     })?;
     let job = st.jobs.create(MODE_SIMPLE)?;

@@ -241,8 +241,17 @@ async fn http_telemetry(State(state): State<AppState>, req: Request, next: Next)
             span.record("http.route", r.as_str());
         }
         telemetry::set_parent(&span, telemetry::extract(req.headers()));
+        let client = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.to_string());
         let response = next.run(req).instrument(span.clone()).await;
         let status = response.status().as_u16();
+        // One line per refusal: what was refused, where, for whom; never the request's
+        // content (5xx are logged with their detail where they are made).
+        if response.status().is_client_error()
+            && let Some(error::ErrorCode(code)) = response.extensions().get::<error::ErrorCode>()
+        {
+            let route = route.as_deref().unwrap_or("unmatched");
+            tracing::info!(code, status, method = %method, route, client = client.as_deref().unwrap_or("unknown"), "request refused: {code} ({status}) on {method} {route}");
+        }
         // i64, not u16: tracing-opentelemetry exports unsigned fields as strings.
         span.record("http.response.status_code", i64::from(status));
         if response.status().is_server_error() {

@@ -501,7 +501,9 @@ mod tests {
         back.restore(root);
         assert!(back.ready("other").is_ok(), "the preview engine serves its avatar again");
 
-        // A restored avatar is removed like any other, files and all.
+        // A restored avatar is removed like any other, files and all, once not leased.
+        assert!(matches!(s.remove("ready"), Err(AvatarError::Busy { speaks: 1, .. })));
+        drop(a);
         s.remove("ready").unwrap();
         assert!(!root.join("ready").exists());
     }

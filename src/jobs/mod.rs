@@ -30,6 +30,21 @@ pub use report::Report;
 pub const MODE_SIMPLE: &str = "simple";
 pub const MODE_REALTIME: &str = "realtime";
 const MODES: [&str; 2] = [MODE_SIMPLE, MODE_REALTIME];
+/// What a job is assumed to take before one has finished (for `Retry-After`).
+const DEFAULT_JOB_SECONDS: f64 = 5.0;
+
+/// Moving average with weight 0.2 on the newest job: follows a change in a few jobs.
+fn ewma(avg: f64, new: f64) -> f64 {
+    0.8 * avg + 0.2 * new
+}
+
+/// Seconds until a place frees for a job behind `ahead` others on `slots` run slots,
+/// each taking `per_job`: whole seconds, 1 to 300.
+fn retry_after(per_job: f64, ahead: usize, slots: usize) -> u64 {
+    let waves = (ahead as f64 / slots.max(1) as f64).max(1.0);
+    ((per_job * waves).ceil() as u64).clamp(1, 300)
+}
+
 /// The `reason` label of `musetalk_jobs_rejected_total`: a full queue (429), a draining service (503).
 const REJECT_REASONS: [&str; 2] = ["queue_full", "draining"];
 
@@ -325,6 +340,8 @@ pub struct JobManager {
     /// Per mode: jobs admitted but not yet running (uploading or waiting for a slot).
     queued: [AtomicUsize; 2],
     running: [AtomicUsize; 2],
+    /// Per mode: moving average of processing seconds of finished jobs (None until one).
+    processing_avg: [Mutex<Option<f64>>; 2],
     tracker: TaskTracker,
     draining: AtomicBool,
 }
@@ -344,6 +361,7 @@ impl JobManager {
             jobs: Mutex::default(),
             queued: Default::default(),
             running: Default::default(),
+            processing_avg: Default::default(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
         });
@@ -413,10 +431,22 @@ impl JobManager {
         Ok(Admission { manager: self.clone(), mode: i, released: AtomicBool::new(false) })
     }
 
-    /// A rough wait for `Retry-After`: 5 s per job ahead, spread over the run slots (1–300 s).
-    pub fn retry_after_secs(&self) -> u64 {
-        let queued: usize = self.queued.iter().map(|q| q.load(Ordering::Acquire)).sum();
-        (5 * (queued as u64 + 1) / self.config.max_concurrent_jobs as u64).clamp(1, 300)
+    /// Records how long a finished job of `mode` took to process (queue wait excluded),
+    /// for [`retry_after_secs`](Self::retry_after_secs).
+    pub fn observe_processing(&self, mode: &str, seconds: f64) {
+        if seconds.is_finite() && seconds >= 0.0 {
+            let mut avg = self.processing_avg[mode_index(mode)].lock().unwrap_or_else(|e| e.into_inner());
+            *avg = Some(avg.map_or(seconds, |a| ewma(a, seconds)));
+        }
+    }
+
+    /// `Retry-After` for a refused `mode` request: the time the jobs ahead of it take, from
+    /// what this service's jobs of that mode really took (5 s each until one finished).
+    pub fn retry_after_secs(&self, mode: &str) -> u64 {
+        let i = mode_index(mode);
+        let ahead = self.queued[i].load(Ordering::Acquire) + self.running[i].load(Ordering::Acquire);
+        let per_job = self.processing_avg[i].lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(DEFAULT_JOB_SECONDS);
+        retry_after(per_job, ahead, self.slots(i))
     }
 
     /// Creates the job (its dir and its span, child of the current span).
@@ -550,5 +580,25 @@ fn remove_dir(dir: &Path) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(dir = %dir.display(), "cannot remove job dir: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_follows_the_observed_job_time() {
+        // 0.3 s jobs, 17 ahead on one slot: about 6 s, not 90.
+        assert_eq!(retry_after(0.3, 17, 1), 6);
+        assert_eq!(retry_after(0.3, 17, 4), 2);
+        assert_eq!(retry_after(0.01, 1, 1), 1, "at least a second");
+        assert_eq!(retry_after(600.0, 10, 1), 300, "at most five minutes");
+        assert_eq!(retry_after(DEFAULT_JOB_SECONDS, 0, 1), 5);
+        let mut avg = 5.0;
+        for _ in 0..20 {
+            avg = ewma(avg, 0.3);
+        }
+        assert!((avg - 0.3).abs() < 0.1, "a few jobs move the average: {avg}");
     }
 }

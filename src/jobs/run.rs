@@ -497,6 +497,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     rec.steps.push(("response_preparation".into(), prep_secs));
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
+    m.observe_processing(job.mode, processing);
     let steps = report::timings(&rec.steps, total);
     // Stage shares are of the step that ran them (subprocess_execution, inference, avatar_preparation).
     let exec_secs = rec.exec_window.map(|(a, b)| b.duration_since(a).as_secs_f64()).unwrap_or(0.0);

@@ -188,11 +188,27 @@ async fn complete(ffprobe: &Path, path: &Path, video: bool, info: &mut MediaInfo
     Ok(())
 }
 
-/// The last line of an ffmpeg tool's stderr, without the `path: ` prefix it adds.
+/// What an ffmpeg tool's stderr says went wrong: its distinct messages, the last three,
+/// without the `[mov,mp4 @ 0x…] ` and `path: ` prefixes. The cause usually comes first
+/// ("moov atom not found") and the generic verdict last ("Invalid data found when
+/// processing input"): the last line alone hid the cause.
 fn reason(stderr: &[u8], fallback: &str) -> String {
     let err = String::from_utf8_lossy(stderr);
-    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(fallback).trim();
-    last.rsplit_once(": ").map(|(_, r)| r).unwrap_or(last).to_string()
+    let mut messages: Vec<String> = Vec::new();
+    for line in err.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let line = match line.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+            Some((ctx, rest)) if ctx.contains(" @ ") => rest,
+            _ => line,
+        };
+        let msg = line.rsplit_once(": ").map(|(_, r)| r).unwrap_or(line).trim().to_string();
+        if !msg.is_empty() && !messages.contains(&msg) {
+            messages.push(msg);
+        }
+    }
+    if messages.is_empty() {
+        return fallback.to_string();
+    }
+    messages[messages.len().saturating_sub(3)..].join("; ")
 }
 
 /// Runs ffprobe with `args` then `path`, bounded in time (a hostile file must not hang a job).
@@ -299,6 +315,14 @@ mod tests {
         assert_eq!(packet_span("N/A,N/A\n0.5,N/A\n1.0,0.04\n").map(|(s, n)| ((s * 100.0).round(), n)), Some((54.0, 2)));
         assert_eq!(packet_span(""), None);
         assert_eq!(packet_span("0.0,0.0\n"), None, "no time at all is not a duration");
+    }
+
+    #[test]
+    fn the_reason_keeps_the_cause_before_the_verdict() {
+        let err = b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d1c2a0] moov atom not found\n/data/jobs/x/video_x.mp4: Invalid data found when processing input\n";
+        assert_eq!(reason(err, "?"), "moov atom not found; Invalid data found when processing input");
+        assert_eq!(reason(b"", "ffprobe failed"), "ffprobe failed");
+        assert_eq!(reason(b"a: one\nb: one\nc: two\n", "?"), "one; two", "repeats are said once");
     }
 
     #[test]

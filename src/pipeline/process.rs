@@ -99,9 +99,14 @@ impl ProcessOutcome {
         }
     }
 
-    /// The last stderr lines (stdout if stderr is empty), for error details.
+    /// The last stderr lines (stdout if stderr is empty), for error details. ffmpeg's
+    /// `-progress` lines (`frame=12`, `out_time=…`) say nothing about a failure and are
+    /// left out.
     pub fn error_tail(&self) -> String {
-        let tail = if self.stderr_tail.is_empty() { &self.stdout_tail } else { &self.stderr_tail };
+        let progress = |l: &&String| l.split_once('=').is_some_and(|(k, v)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') && !v.contains(' '));
+        let useful = |t: &Vec<String>| t.iter().filter(|l| !progress(l)).cloned().collect::<Vec<_>>();
+        let (err, out) = (useful(&self.stderr_tail), useful(&self.stdout_tail));
+        let tail = if err.is_empty() { out } else { err };
         let last: Vec<&str> = tail.iter().rev().take(5).rev().map(String::as_str).collect();
         if last.is_empty() { String::new() } else { format!(": {}", last.join(" | ")) }
     }
@@ -237,6 +242,22 @@ async fn read_lines(stream: Stream, mut r: Box<dyn tokio::io::AsyncRead + Send +
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_tails_leave_out_progress_lines() {
+        let o = ProcessOutcome {
+            pid: 1,
+            code: None,
+            signal: Some(9),
+            ended: EndReason::Exited,
+            duration: Duration::ZERO,
+            stdout_tail: ["frame=12", "fps=0.0", "out_time=00:00:00.480000", "progress=continue"].map(String::from).to_vec(),
+            stderr_tail: vec![],
+        };
+        assert_eq!(o.error_tail(), "", "a killed ffmpeg's progress is no error message");
+        let o = ProcessOutcome { stderr_tail: vec!["x264 [error]: malloc of size 1327424 failed".into()], ..o };
+        assert_eq!(o.error_tail(), ": x264 [error]: malloc of size 1327424 failed");
+    }
 
     fn sh(script: &str) -> Invocation {
         Invocation { program: "sh".into(), args: vec!["-c".into(), script.into()], cwd: std::env::temp_dir(), env: vec![("EXTRA".into(), "yes".into())] }
