@@ -8,6 +8,9 @@
 pub mod avatars;
 pub mod report;
 mod run;
+pub mod step;
+
+pub use step::Step;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
 use super::avatars::{Avatar, AvatarState};
-use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Work, mode_index};
+use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Step, Work, mode_index};
 use crate::metrics::{ExitLabels, InputLabels, JobLabels, Metrics, ModeLabels, StageLabels, StepLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, EndReason, JobInput, PipelineError, ProcessOutcome, RunOptions, StageEvent, Stream};
@@ -35,15 +35,20 @@ struct Record {
     worker: Option<String>,
 }
 
-/// A failed step: its name and what went wrong, and the state the job ends in.
+/// A failed step: which one (named here only: messages never repeat it), what went
+/// wrong, and the state the job ends in.
 struct StepFailure {
-    step: &'static str,
+    step: Step,
     message: String,
     state: JobState,
 }
 
 impl StepFailure {
-    fn from_pipeline(step: &'static str, e: PipelineError) -> Self {
+    fn new(step: Step, message: impl Into<String>) -> Self {
+        StepFailure { step, message: message.into(), state: JobState::Failed }
+    }
+
+    fn from_pipeline(step: Step, e: PipelineError) -> Self {
         let state = match e {
             PipelineError::Cancelled => JobState::Cancelled,
             PipelineError::TimedOut(_) => JobState::TimedOut,
@@ -52,40 +57,56 @@ impl StepFailure {
         // A pipeline that exited non-zero or was killed failed while it ran, even though
         // its exit is only judged when its output is looked for.
         let step = match e {
-            PipelineError::Failed { .. } if step == "output_discovery" => "subprocess_execution",
+            PipelineError::Failed { .. } if step == Step::OutputDiscovery => Step::SubprocessExecution,
             _ => step,
         };
         StepFailure { step, message: e.to_string(), state }
     }
 }
 
-/// Runs `f` as step `name`: a child span of the job, an event pair, a timing.
-async fn step<T>(
-    m: &JobManager,
-    job: &Job,
-    rec: &mut Record,
-    name: &'static str,
-    f: impl AsyncFnOnce(&tracing::Span, &mut Record) -> Result<T, StepFailure>,
-) -> Result<T, StepFailure> {
-    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
-    job.emit(JobEvent::StepStart { step: name.into() });
-    let t0 = Instant::now();
-    let result = f(&span, rec).instrument(span.clone()).await;
-    let secs = t0.elapsed().as_secs_f64();
-    if let Err(e) = &result {
-        telemetry::set_error(&span, e.message.clone());
-    }
-    drop(span);
-    record_step(m, job, rec, name, secs);
-    result
+/// An open step: its span (child of the job's), its start. The only way a step is
+/// recorded: [`StepScope::close`] sets the span's error, observes
+/// `musetalk_step_duration_seconds` with the trace id as exemplar, adds the timing to the
+/// report and the status, and emits `step_end`.
+struct StepScope {
+    step: Step,
+    span: tracing::Span,
+    t0: Instant,
 }
 
-fn record_step(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, secs: f64) {
-    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: name }, secs, &job.trace_id);
-    rec.steps.push((name.to_string(), secs));
+impl StepScope {
+    fn open(job: &Job, step: Step) -> Self {
+        let name = step.as_str();
+        let span = tracing::info_span!(parent: &job.span(), "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
+        job.emit(JobEvent::StepStart { step: name.into() });
+        StepScope { step, span, t0: Instant::now() }
+    }
+
+    fn close<T>(self, m: &JobManager, job: &Job, rec: &mut Record, result: Result<T, StepFailure>) -> Result<T, StepFailure> {
+        if let Err(e) = &result {
+            telemetry::set_error(&self.span, e.message.clone());
+        }
+        drop(self.span);
+        record_step(m, job, rec, self.step, self.t0.elapsed().as_secs_f64());
+        result
+    }
+}
+
+/// Runs `f` as `step` (see [`StepScope`]).
+async fn step<T>(m: &JobManager, job: &Job, rec: &mut Record, step: Step, f: impl AsyncFnOnce(&tracing::Span, &mut Record) -> Result<T, StepFailure>) -> Result<T, StepFailure> {
+    let scope = StepScope::open(job, step);
+    let result = f(&scope.span, rec).instrument(scope.span.clone()).await;
+    scope.close(m, job, rec, result)
+}
+
+/// Records a step's duration; for `file_processing`, timed by the upload that ran it,
+/// this is all; every other step gets here through [`StepScope::close`].
+fn record_step(m: &JobManager, job: &Job, rec: &mut Record, step: Step, secs: f64) {
+    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: step.as_str() }, secs, &job.trace_id);
+    rec.steps.push((step.as_str().to_string(), secs));
     let timings = report::timings(&rec.steps, 0.0);
     job.update(|s| s.steps = timings);
-    job.emit(JobEvent::StepEnd { step: name.into(), seconds: secs });
+    job.emit(JobEvent::StepEnd { step: step.as_str().into(), seconds: secs });
 }
 
 /// Turns stage events into OpenTelemetry spans (with the events' own timestamps) under
@@ -159,11 +180,12 @@ impl<'a> StageRecorder<'a> {
 /// `queue_wait`: its own span, until `acquire` gives a run slot (or the job is cancelled).
 async fn queue_wait<T>(m: &Arc<JobManager>, job: &Job, rec: &mut Record, acquire: impl std::future::Future<Output = Result<T, StepFailure>>) -> Result<T, StepFailure> {
     job.set_state(JobState::Queued);
-    let queue_span = tracing::info_span!(parent: &job.span(), "queue_wait", otel.name = "queue_wait", otel.status_code = tracing::field::Empty);
+    let name = Step::QueueWait.as_str();
+    let queue_span = tracing::info_span!(parent: &job.span(), "queue_wait", otel.name = name, otel.status_code = tracing::field::Empty);
     let q0 = Instant::now();
     let got = tokio::select! {
         r = acquire => r,
-        _ = job.cancel.cancelled() => Err(StepFailure { step: "queue_wait", message: "cancelled while queued".into(), state: JobState::Cancelled }),
+        _ = job.cancel.cancelled() => Err(StepFailure { step: Step::QueueWait, message: "cancelled while queued".into(), state: JobState::Cancelled }),
     };
     rec.queue_seconds = q0.elapsed().as_secs_f64();
     if let Err(e) = &got {
@@ -204,14 +226,15 @@ pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admiss
 /// Realtime `speak`: file_processing, queue_wait (an idle worker), inference,
 /// output_discovery, response_preparation.
 async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
-    record_step(m, job, rec, "file_processing", receive_seconds);
+    record_step(m, job, rec, Step::FileProcessing, receive_seconds);
     let engine = m.realtime.clone();
     let cancel = job.cancel.clone();
-    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline("queue_wait", e)) }).await?;
+    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline(Step::QueueWait, e)) }).await?;
     let _running = enter_running(m, job, admission);
     rec.worker = slot.worker();
     let output = job.dir.join("result").join("output.mp4");
-    let (span, t0) = begin_step(job, "inference");
+    let scope = StepScope::open(job, Step::Inference);
+    let span = scope.span.clone();
     let req = InferRequest {
         job_id: job.id.clone(),
         job_dir: job.dir.clone(),
@@ -233,19 +256,21 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
     er.finish(rec);
     let expected = slot.expected_output(&req);
     drop(slot);
-    end_step(m, job, rec, "inference", span, t0, result.map_err(|e| StepFailure::from_pipeline("inference", e)))?;
+    drop(span);
+    scope.close(m, job, rec, result.map_err(|e| StepFailure::from_pipeline(Step::Inference, e)))?;
     discover_output(m, job, rec, inputs, output, expected).await
 }
 
 /// Realtime `prepare`: file_processing, queue_wait, avatar_preparation, response_preparation.
 async fn run_prepare(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, receive_seconds: f64, rec: &mut Record) -> Result<(), StepFailure> {
-    record_step(m, job, rec, "file_processing", receive_seconds);
+    record_step(m, job, rec, Step::FileProcessing, receive_seconds);
     let engine = m.realtime.clone();
     let cancel = job.cancel.clone();
-    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline("queue_wait", e)) }).await?;
+    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline(Step::QueueWait, e)) }).await?;
     let _running = enter_running(m, job, admission);
     rec.worker = slot.worker();
-    let (span, t0) = begin_step(job, "avatar_preparation");
+    let scope = StepScope::open(job, Step::AvatarPreparation);
+    let span = scope.span.clone();
     let req = PrepareRequest {
         avatar_id: avatar.id.clone(),
         video: avatar.video.clone(),
@@ -262,23 +287,8 @@ async fn run_prepare(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, 
     let result = slot.prepare(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
     er.finish(rec);
     drop(slot);
-    end_step(m, job, rec, "avatar_preparation", span, t0, result.map_err(|e| StepFailure::from_pipeline("avatar_preparation", e)))
-}
-
-/// A step span and its start, for steps whose body borrows too much for [`step`].
-fn begin_step(job: &Job, name: &'static str) -> (tracing::Span, Instant) {
-    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = name, musetalk.step = name, otel.status_code = tracing::field::Empty);
-    job.emit(JobEvent::StepStart { step: name.into() });
-    (span, Instant::now())
-}
-
-fn end_step<T>(m: &JobManager, job: &Job, rec: &mut Record, name: &'static str, span: tracing::Span, t0: Instant, result: Result<T, StepFailure>) -> Result<T, StepFailure> {
-    if let Err(e) = &result {
-        telemetry::set_error(&span, e.message.clone());
-    }
     drop(span);
-    record_step(m, job, rec, name, t0.elapsed().as_secs_f64());
-    result
+    scope.close(m, job, rec, result.map_err(|e| StepFailure::from_pipeline(Step::AvatarPreparation, e)))
 }
 
 /// Receives an engine's events: stages, progress, and the process doing the work
@@ -323,8 +333,8 @@ impl<'a> EngineRecorder<'a> {
 
 /// `output_discovery`: the file exists and ffprobe says it is a video.
 async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &Inputs, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
-    step(m, job, rec, "output_discovery", async |span, rec| {
-        let path = pipeline::require_output(&path).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
+    step(m, job, rec, Step::OutputDiscovery, async |span, rec| {
+        let path = pipeline::require_output(&path).map_err(|e| StepFailure::from_pipeline(Step::OutputDiscovery, e))?;
         probe_output(m, span, rec, inputs, path, expected).await
     })
     .await
@@ -347,22 +357,22 @@ async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Recor
                 span.set_attribute("musetalk.output.frames", f as i64);
             }
             match expected.and_then(|e| e.mismatch(&info)) {
-                Some(why) => Err(StepFailure { step: "output_discovery", message: why, state: JobState::Failed }),
+                Some(why) => Err(StepFailure::new(Step::OutputDiscovery, why)),
                 None => Ok(path),
             }
         }
-        Ok(_) => Err(StepFailure { step: "output_discovery", message: format!("{} has no video stream", path.display()), state: JobState::Failed }),
-        Err(e) => Err(StepFailure { step: "output_discovery", message: format!("the output is not a playable video: {e}"), state: JobState::Failed }),
+        Ok(_) => Err(StepFailure::new(Step::OutputDiscovery, format!("{} has no video stream", path.display()))),
+        Err(e) => Err(StepFailure::new(Step::OutputDiscovery, format!("the output is not a playable video: {e}"))),
     }
 }
 
 async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
     // file_processing ran in the request (its span is made by `file_processing_span`); record its time.
-    record_step(m, job, rec, "file_processing", receive_seconds);
+    record_step(m, job, rec, Step::FileProcessing, receive_seconds);
 
     let slots = m.slots.clone();
     let permit = queue_wait(m, job, rec, async {
-        slots.acquire_owned().await.map_err(|_| StepFailure { step: "queue_wait", message: "the service is shutting down".into(), state: JobState::Cancelled })
+        slots.acquire_owned().await.map_err(|_| StepFailure { step: Step::QueueWait, message: "the service is shutting down".into(), state: JobState::Cancelled })
     })
     .await?;
     let _running = enter_running(m, job, admission);
@@ -380,12 +390,12 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
     };
     let backend = m.backend.clone();
 
-    let invocation = step(m, job, rec, "config_creation", async |_, _| backend.prepare(&pjob).map_err(|e| StepFailure::from_pipeline("config_creation", e))).await?;
+    let invocation = step(m, job, rec, Step::ConfigCreation, async |_, _| backend.prepare(&pjob).map_err(|e| StepFailure::from_pipeline(Step::ConfigCreation, e))).await?;
 
-    let (outcome, parser) = step(m, job, rec, "subprocess_execution", async |span, rec| execute(m, job, &pjob, &invocation, span, rec).await).await?;
+    let (outcome, parser) = step(m, job, rec, Step::SubprocessExecution, async |span, rec| execute(m, job, &pjob, &invocation, span, rec).await).await?;
 
-    let output = step(m, job, rec, "output_discovery", async |span, rec| {
-        let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline("output_discovery", e))?;
+    let output = step(m, job, rec, Step::OutputDiscovery, async |span, rec| {
+        let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline(Step::OutputDiscovery, e))?;
         probe_output(m, span, rec, inputs, path, backend.expected_output(&pjob)).await
     })
     .await?;
@@ -456,7 +466,7 @@ async fn execute(
     rec.exec_window = Some((started, ended));
     rec.tree_key = guard.as_ref().map(|g| g.key());
     drop(guard);
-    let outcome = result.map_err(|e| StepFailure::from_pipeline("subprocess_execution", e))?;
+    let outcome = result.map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;
     span.set_attribute("process.pid", outcome.pid as i64);
     if let Some(c) = outcome.code {
         span.set_attribute("process.exit.code", c as i64);
@@ -464,8 +474,8 @@ async fn execute(
     m.metrics.subprocess_exits.get_or_create(&ExitLabels { backend: m.backend.name(), code: exit_code_label(outcome.code, outcome.signal) }).inc();
     rec.outcome = Some(outcome.clone());
     match outcome.ended {
-        EndReason::TimedOut => return Err(StepFailure::from_pipeline("subprocess_execution", PipelineError::TimedOut(m.config.job_timeout))),
-        EndReason::Cancelled => return Err(StepFailure::from_pipeline("subprocess_execution", PipelineError::Cancelled)),
+        EndReason::TimedOut => return Err(StepFailure::from_pipeline(Step::SubprocessExecution, PipelineError::TimedOut(m.config.job_timeout))),
+        EndReason::Cancelled => return Err(StepFailure::from_pipeline(Step::SubprocessExecution, PipelineError::Cancelled)),
         EndReason::Exited => {}
     }
     Ok((outcome, parser))
@@ -474,8 +484,7 @@ async fn execute(
 /// Builds the report, sets the final state, records the job metrics. Runs for every
 /// job, whatever happened, as `response_preparation`.
 fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
-    let t0 = Instant::now();
-    let span = tracing::info_span!(parent: &job.span(), "step", otel.name = "response_preparation", musetalk.step = "response_preparation");
+    let scope = StepScope::open(job, Step::ResponsePreparation);
     let (state, error) = match &result {
         Ok(_) => (JobState::Succeeded, None),
         Err(f) => (f.state, Some(ErrorInfo { step: f.step.to_string(), message: f.message.clone() })),
@@ -491,10 +500,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     if rec.tree_key.is_some() {
         resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
     }
-    drop(span);
-    let prep_secs = t0.elapsed().as_secs_f64();
-    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: "response_preparation" }, prep_secs, &job.trace_id);
-    rec.steps.push(("response_preparation".into(), prep_secs));
+    let _ = scope.close(m, job, &mut rec, Ok(()));
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
     m.observe_processing(job.mode, processing);

@@ -49,15 +49,15 @@ impl JobInput {
     }
 }
 
-/// Why a pipeline step failed. Each variant names the step, so the job's outcome and
-/// the error detail say where it broke.
+/// Why a pipeline step failed. The messages never name the step: the job runner's
+/// `StepFailure` does, once (a detail read `output_discovery: output_discovery: …`).
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("config_creation: {0}")]
+    #[error("{0}")]
     Config(String),
-    #[error("subprocess_execution: cannot start `{program}`: {source}")]
+    #[error("cannot start `{program}`: {source}")]
     Spawn { program: String, source: std::io::Error },
-    #[error("subprocess_execution: {0}")]
+    #[error("{0}")]
     Io(std::io::Error),
     #[error("pipeline reported an error: {0}")]
     Reported(String),
@@ -67,7 +67,7 @@ pub enum PipelineError {
     TimedOut(std::time::Duration),
     #[error("job cancelled; the pipeline's process group was killed")]
     Cancelled,
-    #[error("output_discovery: {0}")]
+    #[error("{0}")]
     Output(String),
 }
 

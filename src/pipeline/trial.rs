@@ -75,7 +75,7 @@ pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String
     std::fs::create_dir_all(&job.dir).map_err(|e| format!("cannot create {}: {e}", job.dir.display()))?;
 
     let started = Instant::now();
-    let inv = backend.prepare(&job).map_err(|e| e.to_string())?;
+    let inv = backend.prepare(&job).map_err(|e| format!("config_creation: {e}"))?;
     let mut parser: Box<dyn StageParser> = backend.stage_parser(&job);
     parser.begin(started);
     let opts = RunOptions { timeout: TRIAL_TIMEOUT.min(config.job_timeout), kill_grace: config.kill_grace, cancel: CancellationToken::new(), traceparent: None };
@@ -83,13 +83,16 @@ pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String
         parser.line(stream, line, at);
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("subprocess_execution: {e}"))?;
     parser.finish(Instant::now());
     match outcome.ended {
         process::EndReason::TimedOut => return Err(format!("subprocess_execution: the trial job did not finish within {} s", opts.timeout.as_secs())),
         process::EndReason::Cancelled | process::EndReason::Exited => {}
     }
-    let output = backend.discover(&job, &outcome, parser.as_ref()).map_err(|e| e.to_string())?;
+    let output = backend.discover(&job, &outcome, parser.as_ref()).map_err(|e| match e {
+        super::PipelineError::Failed { .. } => format!("subprocess_execution: {e}"),
+        e => format!("output_discovery: {e}"),
+    })?;
     let out = media::probe(&config.ffprobe, &output).await.map_err(|e| format!("output_discovery: the trial output {}: {e}", output.display()))?;
     if !out.has_video {
         return Err(format!("output_discovery: the trial output {} has no video stream", output.display()));

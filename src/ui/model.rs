@@ -123,8 +123,10 @@ pub struct Overview {
     pub jobs: JobsList,
 }
 
-/// Steps whose time is the pipeline's own run (its stages are drawn under it).
-pub const EXEC_STEPS: [&str; 3] = ["subprocess_execution", "inference", "avatar_preparation"];
+/// A step whose time is the pipeline's own run (its stages are drawn under it).
+fn is_execution(name: &str) -> bool {
+    crate::jobs::Step::from_name(name).is_some_and(crate::jobs::Step::is_execution)
+}
 
 /// The stacked bar of a job: its steps in order (with `queue_wait` after
 /// `file_processing`), the stages of the execution step on a second row, and for a job
@@ -152,7 +154,7 @@ pub fn bar(steps: &[Timing], stages: &[Timing], queue_seconds: f64, total: f64, 
     let mut exec_at = None;
     for (name, s) in &parts {
         let w = share(*s);
-        if EXEC_STEPS.contains(&name.as_str()) {
+        if is_execution(name) {
             exec_at = Some((x, w));
         }
         segments.push(Segment { name: name.clone(), seconds: *s, percent: w, x, w, class: super::view::step_class(name), row: 0 });
@@ -173,7 +175,7 @@ pub fn bar(steps: &[Timing], stages: &[Timing], queue_seconds: f64, total: f64, 
         },
         Some((name, s)) => {
             let mut t = format!("Bottleneck: {name} {:.1} %", share(*s));
-            if EXEC_STEPS.contains(&name.as_str())
+            if is_execution(name)
                 && let Some(st) = stages.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds))
             {
                 t.push_str(&format!(" (slowest stage {} {:.1} %)", st.name, share(st.seconds)));

@@ -9,25 +9,16 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::model::{Bar, Check, Header, Health, JobView, JobsList, Link, Overview, ResourceRow, Segment};
 use super::series::{self, Resources, Series};
-use crate::jobs::JobState;
+use crate::jobs::{JobState, Step};
 use crate::jobs::report::Timing;
 
-/// The order and colour class of the steps; anything else gets `seg-other`.
-pub const STEPS: [&str; 9] = [
-    "file_processing",
-    "queue_wait",
-    "config_creation",
-    "subprocess_execution",
-    "avatar_preparation",
-    "inference",
-    "output_discovery",
-    "response_preparation",
-    "in_progress",
-];
+/// The status page's own segment for the part of a running job not yet timed.
+const IN_PROGRESS: &str = "in_progress";
 
 /// Colour class of a step segment.
 pub fn step_class(name: &str) -> String {
-    if STEPS.contains(&name) { format!("seg seg-{name}") } else { "seg seg-other".into() }
+    // Colours follow `Step`'s names (style.css has a class per step); anything else is `seg-other`.
+    if Step::from_name(name).is_some() || name == IN_PROGRESS { format!("seg seg-{name}") } else { "seg seg-other".into() }
 }
 
 /// Colour class of a stage segment: stable per stage name (8 colours).
@@ -292,7 +283,7 @@ pub fn jobs_section(o: &JobsList) -> Markup {
 fn legend(stages: &[String]) -> Markup {
     html! {
         ul.legend aria-label="Colours of the steps" {
-            @for s in STEPS.iter().filter(|s| **s != "avatar_preparation" && **s != "inference") {
+            @for s in Step::ALL.iter().filter(|s| !s.is_realtime_only()).map(|s| s.as_str()).chain([IN_PROGRESS]) {
                 li { (swatch(&step_class(s))) (s.replace('_', " ")) }
             }
             @for s in stages {
