@@ -28,23 +28,14 @@ peak() { # peak RSS in MiB and wall seconds of "$@"
   printf '%d MiB | %.0f s' $((kib / 1024)) "$secs"
 }
 
-old() { # the previous one-pass graph
-  local audio=$1 secs=$2
-  ffmpeg -hide_banner -nostdin -y -v error -i "$clip" -i "$audio" -filter_complex \
-    "[0:v]scale=trunc(iw/2)*2:trunc(ih/2)*2,split=2[f][b];[b]reverse[r];[f][r]concat=n=2:v=1:a=0,loop=loop=-1:size=3600:start=0,setpts=N/(30*TB),format=yuv420p[v]" \
-    -map '[v]' -map 1:a:0 -t "$secs" -r 30 -c:v libx264 -preset veryfast -crf 23 -c:a aac -b:a 128k -movflags +faststart "$work/old.mp4"
-}
-
-new() {
-  local audio=$1 secs=$2
-  "$bin" preview-render --ffmpeg ffmpeg --video "$clip" --audio "$audio" --out "$work/new.mp4" --work "$work" \
-    --fps 30 --seconds "$secs.000" --video-seconds 60.000 --width 1920 --height 1080
-}
-
 echo "| audio | one-pass graph (before) | bounded plan (now) |"
 echo "|---|---|---|"
 for secs in 60 90; do
-  a=$(peak old "$work/audio-$secs.wav" "$secs")
-  b=$(peak new "$work/audio-$secs.wav" "$secs")
+  audio=$work/audio-$secs.wav
+  a=$(peak ffmpeg -hide_banner -nostdin -y -v error -i "$clip" -i "$audio" -filter_complex \
+    "[0:v]scale=trunc(iw/2)*2:trunc(ih/2)*2,split=2[f][b];[b]reverse[r];[f][r]concat=n=2:v=1:a=0,loop=loop=-1:size=3600:start=0,setpts=N/(30*TB),format=yuv420p[v]" \
+    -map '[v]' -map 1:a:0 -t "$secs" -r 30 -c:v libx264 -preset veryfast -crf 23 -c:a aac -b:a 128k -movflags +faststart "$work/old.mp4")
+  b=$(peak "$bin" preview-render --ffmpeg ffmpeg --video "$clip" --audio "$audio" --out "$work/new.mp4" --work "$work" \
+    --fps 30 --seconds "$secs.000" --video-seconds 60.000 --width 1920 --height 1080)
   echo "| $secs s | $a | $b |"
 done

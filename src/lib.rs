@@ -63,13 +63,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
-    let backend = pipeline::build(&config);
-    let backend_status: api::BackendStatus = Arc::new(std::sync::RwLock::new(Err("probing".into())));
-    // One budget for every pipeline run on this host: simple jobs, and realtime jobs of
-    // the preview engine (a worker engine's workers are their own budget, one job each).
-    let run_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs));
-    let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.handle(), run_slots.clone());
-    let jobs = jobs::JobManager::new(config.clone(), backend.clone(), realtime.clone(), metrics.clone(), collector.handle(), run_slots);
+    let state = build_state(config.clone(), metrics, collector.handle(), auth, telemetry.exporting());
+    let (jobs, backend, realtime) = (state.jobs.clone(), state.jobs.backend.clone(), state.jobs.realtime.clone());
     let orphans = pipeline::groups::init(&config.data_dir.join("run").join("groups"));
     if orphans > 0 {
         tracing::warn!(groups = orphans, "killed pipeline processes left by an earlier run");
@@ -83,17 +78,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         tracing::info!(ready = restored.ready, failed = restored.failed, removed = restored.removed, "restored the avatars of an earlier run");
     }
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
-    let state = AppState {
-        jobs: jobs.clone(),
-        auth,
-        config: config.clone(),
-        metrics,
-        collector: collector.handle(),
-        backend_status: backend_status.clone(),
-        draining: Arc::new(AtomicBool::new(false)),
-        exporting: telemetry.exporting(),
-    };
-    tokio::spawn(probe_backend(backend.clone(), backend_status, shutdown.clone()));
+    tokio::spawn(probe_backend(backend.clone(), state.backend_status.clone(), shutdown.clone()));
 
     let listener = TcpListener::bind(config.listen).await.map_err(|source| RunError::Bind { addr: config.listen, source })?;
     let local = listener.local_addr().map_err(RunError::Serve)?;
@@ -149,6 +134,29 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     tracing::info!("shutdown: flushing telemetry");
     telemetry.shutdown().await;
     result
+}
+
+/// What the HTTP layer serves from, built from the config in this one place: the
+/// backend, the realtime engine and the job manager, sharing one run budget. `run()`
+/// serves it; in-process tests and the fuzz harness drive `api::app` with it. Must be
+/// called inside a tokio runtime (worker pools spawn their supervisors).
+pub fn build_state(config: Arc<Config>, metrics: Arc<Metrics>, collector: collector::CollectorHandle, auth: api::auth::Tokens, exporting: bool) -> AppState {
+    let backend = pipeline::build(&config);
+    // One budget for every pipeline run on this host: simple jobs, and realtime jobs of
+    // the preview engine (a worker engine's workers are their own budget, one job each).
+    let run_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_jobs));
+    let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.clone(), run_slots.clone());
+    let jobs = jobs::JobManager::new(config.clone(), backend, realtime, metrics.clone(), collector.clone(), run_slots);
+    AppState {
+        jobs,
+        auth,
+        config,
+        metrics,
+        collector,
+        backend_status: Arc::new(std::sync::RwLock::new(Err("probing".into()))),
+        draining: Arc::new(AtomicBool::new(false)),
+        exporting,
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,10 +14,8 @@ use clap::Parser;
 use http_body_util::BodyExt;
 use musetalk_sidecar::api::{self, AppState};
 use musetalk_sidecar::collector::Sampler;
-use musetalk_sidecar::jobs::JobManager;
 use musetalk_sidecar::jobs::avatars::AvatarState;
 use musetalk_sidecar::metrics::Metrics;
-use musetalk_sidecar::pipeline;
 use tower::ServiceExt;
 
 /// The avatar prepared at start-up, so `/v1/avatars/{id}/speak` reaches its field handling.
@@ -166,25 +163,8 @@ impl Harness {
                 config.sample_interval,
             );
             let collector = sampler.handle();
-            let backend = pipeline::build(&config);
-            let realtime = pipeline::realtime::build(&config, metrics.clone(), collector.clone());
-            let jobs = JobManager::new(
-                config.clone(),
-                backend,
-                realtime,
-                metrics.clone(),
-                collector.clone(),
-            );
-            let state = AppState {
-                jobs,
-                auth: api::auth::Tokens::default(),
-                config,
-                metrics,
-                collector,
-                backend_status: Arc::new(RwLock::new(Ok("preview (fuzz harness)".into()))),
-                draining: Arc::new(AtomicBool::new(false)),
-                exporting: false,
-            };
+            let state = musetalk_sidecar::build_state(config, metrics, collector, api::auth::Tokens::default(), false);
+            *state.backend_status.write().unwrap() = Ok("preview (fuzz harness)".into());
             (api::app(state.clone()), state)
         };
         let mut h = Harness {

@@ -1,19 +1,16 @@
 //! Realtime routes: `/v1/avatars` (prepare, list, show, delete) and `/v1/avatars/{id}/speak`.
 
-use std::time::Instant;
-
 use axum::Json;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
 
-use super::jobs::{AUDIO_EXTS, JobErrorBody, JobFailure, JobResponse, UPLOAD_400, VIDEO_EXTS, finished_response, prefers_async, probe_part, save_part, storage_error, text_field, within_upload_timeout};
-use super::{ApiError, AppState};
+use super::jobs::{JobErrorBody, JobFailure, JobResponse, respond};
+use super::upload::{self, Media, UPLOAD_400};
+use super::{ApiError, AppState, storage_error};
 use crate::jobs::avatars::{AvatarError, AvatarInfo};
-use crate::jobs::{Job, MODE_REALTIME, Work};
-use crate::telemetry;
+use crate::jobs::{MODE_REALTIME, Work};
 
 impl From<AvatarError> for ApiError {
     fn from(e: AvatarError) -> Self {
@@ -62,39 +59,12 @@ pub struct AvatarPrepared {
     pub trace_id: String,
 }
 
-fn not_multipart(e: MultipartRejection, parts: &str) -> ApiError {
-    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with {parts} ({e})"))
-}
-
-/// `avatar_id`: 1–64 of `[A-Za-z0-9_-]` (it names a directory).
-pub(super) fn valid_avatar_id(v: &str) -> Result<(), ApiError> {
-    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-        return Err(ApiError::bad_request("invalid_avatar_id", "avatar_id must be 1–64 characters of A–Z, a–z, 0–9, `_` or `-`"));
-    }
-    Ok(())
-}
-
 fn realtime_enabled(st: &AppState) -> Result<(), ApiError> {
     if st.jobs.realtime.enabled() {
         return Ok(());
     }
     let why = st.jobs.realtime.readiness().err().unwrap_or_default();
     Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "realtime_unavailable", why))
-}
-
-fn admit(st: &AppState) -> Result<crate::jobs::Admission, ApiError> {
-    st.jobs.admit(MODE_REALTIME).map_err(|e| {
-        let retry = st.jobs.retry_after_secs(MODE_REALTIME);
-        ApiError::from(e).with_retry_after(retry)
-    })
-}
-
-/// A rejected upload: the span says why, the job (never work) and its files go.
-fn reject(st: &AppState, job: &Job, span: &tracing::Span, e: ApiError) -> ApiError {
-    telemetry::set_error(span, e.detail.clone());
-    telemetry::set_error(&job.span(), e.detail.clone());
-    st.jobs.discard(job);
-    e
 }
 
 /// Prepares a realtime avatar from a video.
@@ -122,71 +92,26 @@ fn reject(st: &AppState, job: &Job, span: &tracing::Span, e: ApiError) -> ApiErr
     )
 )]
 pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
-    let mut multipart = multipart.map_err(|e| not_multipart(e, "`video` and `avatar_id` parts"))?;
+    let form = &upload::PREPARE;
+    let multipart = form.multipart(multipart)?;
     realtime_enabled(&st)?;
-    let admission = admit(&st)?;
-    let job = st.jobs.create(MODE_REALTIME)?;
-    let span = job.file_processing_span();
-    let t0 = Instant::now();
-    let received = within_upload_timeout(&st, async {
-        let (mut video, mut id, mut bbox) = (None, None, None);
-        while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
-            let name = field.name().unwrap_or_default().to_string();
-            let dup = |present: bool| if present { Err(ApiError::bad_request("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
-            match name.as_str() {
-                "video" => {
-                    dup(video.is_some())?;
-                    video = Some(save_part(&st, &job, field, "video", VIDEO_EXTS, "mp4").await?);
-                }
-                "avatar_id" => {
-                    dup(id.is_some())?;
-                    let v = text_field(field).await?;
-                    valid_avatar_id(&v)?;
-                    // Held from here: sent before the video, a taken id is refused
-                    // before a byte of the upload is read.
-                    id = Some(st.jobs.avatars.reserve(&v)?);
-                }
-                "bbox_shift" => {
-                    dup(bbox.is_some())?;
-                    let v = text_field(field).await?;
-                    bbox = Some(v.trim().parse::<i32>().ok().filter(|n| (-200..=200).contains(n)).ok_or_else(|| ApiError::bad_request("invalid_bbox_shift", format!("bbox_shift must be an integer from -200 to 200, got `{v}`")))?);
-                }
-                _ => return Err(ApiError::bad_request("unknown_part", format!("unexpected part `{name}`; expected video, avatar_id, bbox_shift"))),
-            }
-        }
-        let id = id.ok_or_else(|| ApiError::bad_request("missing_part", "the `avatar_id` part is required"))?;
-        let (video, bytes) = video.ok_or_else(|| ApiError::bad_request("missing_part", "the `video` part is required"))?;
-        if bytes == 0 {
-            return Err(ApiError::bad_request("empty_file", "the `video` part is empty"));
-        }
-        // The upload check decodes the video stream only; the headers say what else is there.
-        let (info, all) = tokio::join!(probe_part(&st, "video", &video), crate::pipeline::media::probe(&st.config.ffprobe, &video));
-        let mut info = info?;
-        info.has_audio = all.is_ok_and(|a| a.has_audio);
-        if !info.has_video {
-            return Err(ApiError::bad_request("invalid_video", "the `video` part has no video stream"));
-        }
-        Ok((id, video, info, bbox))
-    })
-    .instrument(span.clone())
-    .await;
-    let (reservation, upload, info, bbox) = match received {
-        Ok(r) => r,
-        Err(e) => return Err(reject(&st, &job, &span, e)),
+    let mut a = upload::accept(&st, MODE_REALTIME, multipart, form).await?;
+    let (Some((upload, mut info)), Some(reservation)) = (a.form.media(Media::Video), a.form.take_reservation()) else {
+        return Err(upload::refuse(&st, &a.job, ApiError::internal("the video or avatar_id part went missing")));
     };
+    // The upload check decodes the video stream only; the headers say what else is there.
+    info.has_audio = crate::pipeline::media::probe(&st.config.ffprobe, &upload).await.is_ok_and(|all| all.has_audio);
     // This preparation's own names (the job id is the generation).
     let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
-    let paths = crate::jobs::avatars::paths(&st.config.avatars_dir(), reservation.id(), &job.id, &ext);
+    let paths = crate::jobs::avatars::paths(&st.config.avatars_dir(), reservation.id(), &a.job.id, &ext);
     if let Err(e) = std::fs::create_dir_all(&paths.dir).and_then(|_| std::fs::rename(&upload, &paths.source)) {
-        return Err(reject(&st, &job, &span, storage_error(e, "storing the avatar video")));
+        return Err(upload::refuse(&st, &a.job, storage_error(e, "storing the avatar video")));
     }
-    span.record("musetalk.input.video.bytes", info.size_bytes as i64);
-    span.record("musetalk.input.video.seconds", info.duration_secs);
-    drop(span);
-    let avatar = st.jobs.avatars.insert(reservation, paths, info, bbox, job.id.clone());
-    st.jobs.start(job.clone(), admission, Work::Prepare { avatar: avatar.clone() }, t0.elapsed().as_secs_f64());
-    let body = AvatarPrepared { avatar: avatar.info(), job_id: job.id.clone(), trace_id: job.trace_id.clone() };
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
+    let bbox = a.form.int("bbox_shift").map(|n| n as i32);
+    let avatar = st.jobs.avatars.insert(reservation, paths, info, bbox, a.job.id.clone());
+    st.jobs.start(a.job.clone(), a.admission, Work::Prepare { avatar: avatar.clone() }, a.receive_seconds);
+    let body = AvatarPrepared { avatar: avatar.info(), job_id: a.job.id.clone(), trace_id: a.job.trace_id.clone() };
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", a.job.id))], Json(body)).into_response())
 }
 
 /// Lists the avatars, by id.
@@ -265,54 +190,16 @@ pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
     )
 )]
 pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
-    let mut multipart = multipart.map_err(|e| not_multipart(e, "an `audio` part"))?;
+    let form = &upload::SPEAK;
+    let multipart = form.multipart(multipart)?;
     realtime_enabled(&st)?;
+    // Leased before the upload is read: the avatar cannot be deleted under this speak.
     let avatar = st.jobs.avatars.ready(&id)?;
-    let admission = admit(&st)?;
-    let job = st.jobs.create(MODE_REALTIME)?;
-    let span = job.file_processing_span();
-    let t0 = Instant::now();
-    let received = within_upload_timeout(&st, async {
-        let (mut audio, mut batch) = (None, None);
-        while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
-            let name = field.name().unwrap_or_default().to_string();
-            let dup = |present: bool| if present { Err(ApiError::bad_request("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
-            match name.as_str() {
-                "audio" => {
-                    dup(audio.is_some())?;
-                    audio = Some(save_part(&st, &job, field, "audio", AUDIO_EXTS, "wav").await?);
-                }
-                "batch_size" => {
-                    dup(batch.is_some())?;
-                    let v = text_field(field).await?;
-                    batch = Some(v.trim().parse::<u32>().ok().filter(|n| (1..=256).contains(n)).ok_or_else(|| ApiError::bad_request("invalid_batch_size", format!("batch_size must be an integer from 1 to 256, got `{v}`")))?);
-                }
-                _ => return Err(ApiError::bad_request("unknown_part", format!("unexpected part `{name}`; expected audio, batch_size"))),
-            }
-        }
-        let (audio, bytes) = audio.ok_or_else(|| ApiError::bad_request("missing_part", "the `audio` part is required"))?;
-        if bytes == 0 {
-            return Err(ApiError::bad_request("empty_file", "the `audio` part is empty"));
-        }
-        let info = probe_part(&st, "audio", &audio).await?;
-        if !info.has_audio || info.duration_secs <= 0.0 {
-            return Err(ApiError::bad_request("invalid_audio", "the `audio` part has no audio stream (or no duration)"));
-        }
-        Ok((audio, info, batch))
-    })
-    .instrument(span.clone())
-    .await;
-    let (audio, audio_info, batch_size) = match received {
-        Ok(r) => r,
-        Err(e) => return Err(reject(&st, &job, &span, e)),
+    let a = upload::accept(&st, MODE_REALTIME, multipart, form).await?;
+    let Some((audio, audio_info)) = a.form.media(Media::Audio) else {
+        return Err(upload::refuse(&st, &a.job, ApiError::internal("the audio part went missing")));
     };
-    span.record("musetalk.input.audio.bytes", audio_info.size_bytes as i64);
-    span.record("musetalk.input.audio.seconds", audio_info.duration_secs);
-    drop(span);
-    st.jobs.start(job.clone(), admission, Work::Speak { avatar, audio, audio_info, batch_size }, t0.elapsed().as_secs_f64());
-    if prefers_async(&headers) {
-        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job.status())).into_response());
-    }
-    job.finished().await;
-    Ok(finished_response(&job))
+    let batch_size = a.form.int("batch_size").map(|n| n as u32);
+    st.jobs.start(a.job.clone(), a.admission, Work::Speak { avatar, audio, audio_info, batch_size }, a.receive_seconds);
+    Ok(respond(&a.job, &headers).await)
 }

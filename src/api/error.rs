@@ -65,6 +65,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Disk full is the client's to retry later (507), anything else is ours (500).
+pub fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", format!("{doing}: the data dir is full; free space and retry"))
+    } else {
+        ApiError::internal(format!("{doing}: {e}"))
+    }
+}
+
+
 /// 404 for unknown routes, as JSON like every other error.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("route_not_found", "no such route; GET /openapi.json lists the API")

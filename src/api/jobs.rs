@@ -1,31 +1,22 @@
 //! Simple-mode routes: `POST /v1/inference` and `/v1/jobs/{id}` (status, report, output, events, cancel).
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
-use axum::extract::multipart::{Field, MultipartRejection};
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tower::ServiceExt;
-use tracing::Instrument;
 
-use super::{ApiError, AppState};
+use super::upload::{self, Media};
+use super::{ApiError, AppState, storage_error};
 use crate::jobs::{Inputs, Job, JobError, JobEvent, JobState, MODE_SIMPLE, Report};
-use crate::pipeline::media::{self, ProbeError};
-use crate::telemetry;
 
-/// Longest accepted text field (`avatar_id`, numbers), in bytes.
-const MAX_TEXT_FIELD: usize = 256;
-pub(super) const VIDEO_EXTS: &[&str] = &["mp4", "mov", "avi", "mkv", "webm", "m4v"];
-pub(super) const AUDIO_EXTS: &[&str] = &["wav", "mp3", "m4a", "aac", "flac", "ogg", "opus"];
 
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
@@ -34,15 +25,6 @@ impl From<JobError> for ApiError {
             JobError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()).with_retry_after(5),
             JobError::JobDir(io) => storage_error(io, "creating the job directory"),
         }
-    }
-}
-
-/// Disk full is the client's to retry later (507), anything else is ours (500).
-pub(super) fn storage_error(e: std::io::Error, doing: &str) -> ApiError {
-    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
-        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", format!("{doing}: the data dir is full; free space and retry"))
-    } else {
-        ApiError::internal(format!("{doing}: {e}"))
     }
 }
 
@@ -127,9 +109,6 @@ pub struct CancelResponse {
 #[schema(value_type = String, format = Binary, content_media_type = "video/mp4")]
 pub struct Mp4(pub Vec<u8>);
 
-/// Error codes of the multipart uploads, shared by the upload routes.
-pub(super) const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `field_too_long`, `invalid_utf8`";
-
 fn job_response(job: &Job) -> JobResponse {
     let state = job.state();
     JobResponse {
@@ -171,7 +150,7 @@ pub(super) fn finished_response(job: &Job) -> Response {
         (status = 200, description = "The job succeeded", body = JobResponse),
         (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
             headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
-        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
+        (status = 400, description = upload::UPLOAD_400, body = super::ErrorBody),
         (status = 408, description = "`upload_timeout`: the parts did not arrive within `--upload-timeout`", body = super::ErrorBody),
         (status = 409, description = "`job_cancelled`: the job was cancelled while the client waited", body = JobFailure),
         (status = 413, description = "`file_too_large`: a part exceeds `--max-upload-bytes`", body = super::ErrorBody),
@@ -186,178 +165,38 @@ pub(super) fn finished_response(job: &Job) -> Response {
     )
 )]
 pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
-    let mut multipart = multipart.map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart", format!("send multipart/form-data with `video` and `audio` parts ({e})")))?;
-    // Refuse before reading a byte of a possibly huge upload.
-    let admission = st.jobs.admit(MODE_SIMPLE).map_err(|e| {
-        let retry = st.jobs.retry_after_secs(MODE_SIMPLE);
-        ApiError::from(e).with_retry_after(retry)
-    })?;
-    let job = st.jobs.create(MODE_SIMPLE)?;
-    let span = job.file_processing_span();
-    let t0 = Instant::now();
-    let received = within_upload_timeout(&st, receive(&st, &job, &mut multipart)).instrument(span.clone()).await;
-    let inputs = match received {
-        Ok(i) => i,
-        Err(e) => {
-            telemetry::set_error(&span, e.detail.clone());
-            telemetry::set_error(&job.span(), e.detail.clone());
-            job.span().record("musetalk.outcome", "rejected");
-            drop(span);
-            st.jobs.discard(&job);
-            return Err(e);
-        }
+    let form = &upload::INFERENCE;
+    let multipart = form.multipart(multipart)?;
+    let a = upload::accept(&st, MODE_SIMPLE, multipart, form).await?;
+    let (video, video_info) = a.form.media(Media::Video).ok_or_else(|| ApiError::internal("the video part went missing"))?;
+    let (audio, audio_info) = a.form.media(Media::Audio).ok_or_else(|| ApiError::internal("the audio part went missing"))?;
+    let inputs = Inputs {
+        video,
+        audio,
+        video_info,
+        audio_info,
+        bbox_shift: a.form.int("bbox_shift").map(|n| n as i32),
+        batch_size: a.form.int("batch_size").map(|n| n as u32),
+        avatar_id: a.form.text("avatar_id"),
     };
-    // Unsigned integers would be exported as strings: OTLP integers are i64.
-    span.record("musetalk.input.video.bytes", inputs.video_info.size_bytes as i64);
-    span.record("musetalk.input.audio.bytes", inputs.audio_info.size_bytes as i64);
-    span.record("musetalk.input.video.seconds", inputs.video_info.duration_secs);
-    span.record("musetalk.input.audio.seconds", inputs.audio_info.duration_secs);
-    drop(span);
-    st.jobs.start(job.clone(), admission, crate::jobs::Work::Simple(inputs), t0.elapsed().as_secs_f64());
-
-    if prefers_async(&headers) {
-        let location = format!("/v1/jobs/{}", job.id);
-        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job.status())).into_response());
-    }
-    job.finished().await;
-    Ok(finished_response(&job))
+    st.jobs.start(a.job.clone(), a.admission, crate::jobs::Work::Simple(inputs), a.receive_seconds);
+    Ok(respond(&a.job, &headers).await)
 }
 
-/// Bounds how long a client may take to send its parts (a slow client must not hold a
-/// queue place forever).
-pub(super) async fn within_upload_timeout<T>(st: &AppState, fut: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
-    let limit = st.config.upload_timeout;
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or_else(|_| Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_timeout", format!("the upload did not complete within {} (--upload-timeout)", humantime::format_duration(limit)))))
+/// The answer to an accepted job: `202` + `Location` at once with `Prefer: respond-async`,
+/// else the finished job (waited for).
+pub(super) async fn respond(job: &Arc<Job>, headers: &HeaderMap) -> Response {
+    if prefers_async(headers) {
+        let location = format!("/v1/jobs/{}", job.id);
+        return (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job.status())).into_response();
+    }
+    job.finished().await;
+    finished_response(job)
 }
 
 /// `Prefer: respond-async` (RFC 7240).
 pub(super) fn prefers_async(headers: &HeaderMap) -> bool {
     headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")))
-}
-
-/// ffprobe of an uploaded part, decoding the start of the stream the job will use: a 400
-/// naming the part when it is not media or does not decode.
-pub(super) async fn probe_part(st: &AppState, part: &str, path: &Path) -> Result<crate::pipeline::MediaInfo, ApiError> {
-    let code = if part == "video" { "invalid_video" } else { "invalid_audio" };
-    let is_video = part == "video";
-    let info = media::probe_decoding(&st.config.ffprobe, path, is_video).await.map_err(|e| match e {
-        ProbeError::Unreadable(why) => ApiError::bad_request(code, format!("the `{part}` part is not a readable media file: {why}")),
-        ProbeError::Undecodable(why) => ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")),
-        other => ApiError::internal(format!("probing the `{part}` part: {other}")),
-    })?;
-    if !is_video && info.has_audio && info.duration_secs < MIN_AUDIO_SECONDS {
-        return Err(ApiError::bad_request(code, format!("the `{part}` part lasts {:.3} s, shorter than one video frame ({MIN_AUDIO_SECONDS} s)", info.duration_secs)));
-    }
-    Ok(info)
-}
-
-/// Audio shorter than one frame at 25 fps yields no video at all.
-pub(super) const MIN_AUDIO_SECONDS: f64 = 0.04;
-
-#[derive(Default)]
-struct Received {
-    video: Option<(PathBuf, u64)>,
-    audio: Option<(PathBuf, u64)>,
-    avatar_id: Option<String>,
-    bbox_shift: Option<i32>,
-    batch_size: Option<u32>,
-}
-
-/// Streams the parts to the job dir (never whole in memory), then probes them.
-async fn receive(st: &AppState, job: &Job, multipart: &mut Multipart) -> Result<Inputs, ApiError> {
-    let mut r = Received::default();
-    let bad = |code: &'static str, detail: String| ApiError::bad_request(code, detail);
-    while let Some(field) = multipart.next_field().await.map_err(|e| bad("invalid_multipart", format!("the multipart body is malformed: {}", e.body_text())))? {
-        let name = field.name().unwrap_or_default().to_string();
-        let dup = |present: bool| if present { Err(bad("duplicate_part", format!("part `{name}` was sent twice"))) } else { Ok(()) };
-        match name.as_str() {
-            "video" => {
-                dup(r.video.is_some())?;
-                r.video = Some(save_part(st, job, field, "video", VIDEO_EXTS, "mp4").await?);
-            }
-            "audio" => {
-                dup(r.audio.is_some())?;
-                r.audio = Some(save_part(st, job, field, "audio", AUDIO_EXTS, "wav").await?);
-            }
-            "avatar_id" => {
-                dup(r.avatar_id.is_some())?;
-                let v = text_field(field).await?;
-                super::avatars::valid_avatar_id(&v)?;
-                r.avatar_id = Some(v);
-            }
-            "bbox_shift" => {
-                dup(r.bbox_shift.is_some())?;
-                let v = text_field(field).await?;
-                r.bbox_shift = Some(v.trim().parse::<i32>().ok().filter(|n| (-200..=200).contains(n)).ok_or_else(|| bad("invalid_bbox_shift", format!("bbox_shift must be an integer from -200 to 200, got `{v}`")))?);
-            }
-            "batch_size" => {
-                dup(r.batch_size.is_some())?;
-                let v = text_field(field).await?;
-                r.batch_size = Some(v.trim().parse::<u32>().ok().filter(|n| (1..=256).contains(n)).ok_or_else(|| bad("invalid_batch_size", format!("batch_size must be an integer from 1 to 256, got `{v}`")))?);
-            }
-            _ => return Err(bad("unknown_part", format!("unexpected part `{name}`; expected video, audio, avatar_id, bbox_shift, batch_size"))),
-        }
-    }
-    let (video, video_bytes) = r.video.ok_or_else(|| bad("missing_part", "the `video` part is required".into()))?;
-    let (audio, audio_bytes) = r.audio.ok_or_else(|| bad("missing_part", "the `audio` part is required".into()))?;
-    if video_bytes == 0 {
-        return Err(bad("empty_file", "the `video` part is empty".into()));
-    }
-    if audio_bytes == 0 {
-        return Err(bad("empty_file", "the `audio` part is empty".into()));
-    }
-    let (vi, ai) = tokio::join!(probe_part(st, "video", &video), probe_part(st, "audio", &audio));
-    let (video_info, audio_info) = (vi?, ai?);
-    if !video_info.has_video {
-        return Err(bad("invalid_video", "the `video` part has no video stream".into()));
-    }
-    if !audio_info.has_audio || audio_info.duration_secs <= 0.0 {
-        return Err(bad("invalid_audio", "the `audio` part has no audio stream (or no duration)".into()));
-    }
-    Ok(Inputs { video, audio, video_info, audio_info, bbox_shift: r.bbox_shift, batch_size: r.batch_size, avatar_id: r.avatar_id })
-}
-
-/// Writes one file part under the job dir with a generated name (`{kind}_{job}.{ext}`):
-/// the client's file name never reaches the filesystem, only an allow-listed extension.
-pub(super) async fn save_part(st: &AppState, job: &Job, mut field: Field<'_>, kind: &str, exts: &[&str], default_ext: &str) -> Result<(PathBuf, u64), ApiError> {
-    let ext = field
-        .file_name()
-        .and_then(|n| Path::new(n).extension())
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .filter(|e| exts.contains(&e.as_str()))
-        .unwrap_or_else(|| default_ext.to_string());
-    let path = job.dir.join(format!("{kind}_{}.{ext}", job.id));
-    let file = tokio::fs::File::create(&path).await.map_err(|e| storage_error(e, "creating the upload file"))?;
-    // tokio::fs runs every write on the blocking pool: batch the small multipart chunks
-    // into 1 MiB writes (bounded memory, far fewer thread hops).
-    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    let limit = st.config.max_upload_bytes;
-    let mut written: u64 = 0;
-    while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", format!("reading the `{kind}` part: {}", e.body_text())))? {
-        written += chunk.len() as u64;
-        if written > limit {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "file_too_large", format!("the `{kind}` part exceeds {limit} bytes (--max-upload-bytes)")));
-        }
-        file.write_all(&chunk).await.map_err(|e| storage_error(e, "writing the upload"))?;
-    }
-    file.flush().await.map_err(|e| storage_error(e, "writing the upload"))?;
-    Ok((path, written))
-}
-
-/// A bounded text part (UTF-8).
-pub(super) async fn text_field(mut field: Field<'_>) -> Result<String, ApiError> {
-    let name = field.name().unwrap_or_default().to_string();
-    let mut buf = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {
-        if buf.len() + chunk.len() > MAX_TEXT_FIELD {
-            return Err(ApiError::bad_request("field_too_long", format!("`{name}` is longer than {MAX_TEXT_FIELD} bytes")));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    String::from_utf8(buf).map_err(|_| ApiError::bad_request("invalid_utf8", format!("`{name}` is not valid UTF-8")))
 }
 
 fn find(st: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {

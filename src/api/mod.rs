@@ -10,6 +10,7 @@ pub mod error;
 pub mod jobs;
 pub mod openapi;
 pub mod unread;
+pub mod upload;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +29,7 @@ use crate::collector::CollectorHandle;
 use crate::config::Config;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::telemetry;
-pub use error::{ApiError, ErrorBody};
+pub use error::{ApiError, ErrorBody, storage_error};
 
 /// Result of the backend's readiness probe: `Ok(description)` or `Err(what is missing)`.
 pub type BackendStatus = Arc<std::sync::RwLock<Result<String, String>>>;
