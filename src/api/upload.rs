@@ -319,3 +319,133 @@ async fn probe(st: &AppState, m: Media, path: &Path) -> Result<MediaInfo, ApiErr
         _ => Ok(info),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The upload door through the real router (`app()` + `oneshot`): every refusal code
+    //! from one table, each leaving no job dir behind.
+
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use clap::Parser;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    const B: &str = "XBOUNDARYX";
+
+    enum P<'a> {
+        File(&'a str, &'a str, Vec<u8>),
+        Text(&'a str, Vec<u8>),
+    }
+
+    fn body(parts: &[P]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend_from_slice(format!("--{B}\r\n").as_bytes());
+            let (head, data) = match p {
+                P::File(name, file, data) => (format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: application/octet-stream\r\n\r\n"), data.clone()),
+                P::Text(name, data) => (format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"), data.clone()),
+            };
+            out.extend_from_slice(head.as_bytes());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{B}--\r\n").as_bytes());
+        out
+    }
+
+    /// A real 1-frame video, when ffmpeg is here (`None`: the probe cases are skipped).
+    fn tiny_video(dir: &std::path::Path) -> Option<Vec<u8>> {
+        let out = dir.join("tiny.mp4");
+        let ok = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-frames:v", "2", "-pix_fmt", "yuv420p"])
+            .arg(&out)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| std::fs::read(&out).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_refusal_of_the_upload_door_from_one_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let cli = crate::cli::Cli::try_parse_from(["musetalk-sidecar", "--data-dir", data.to_str().unwrap(), "--max-upload-bytes", "5000"]).unwrap();
+        let config = Arc::new(cli.serve.resolved().unwrap());
+        std::fs::create_dir_all(config.jobs_dir()).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let collector = crate::collector::Sampler::new(Vec::new(), metrics.clone(), config.ring_capacity(), config.sample_interval).handle();
+        let state = crate::build_state(config.clone(), metrics, collector, crate::api::auth::Tokens::default(), false);
+        let held = state.jobs.avatars.reserve("held").unwrap();
+        let app = crate::api::app(state.clone());
+        let video = tiny_video(dir.path());
+        let junk = b"this is not media".to_vec();
+        let wav = b"RIFF-not-really".to_vec();
+        let some_video = video.clone().unwrap_or_else(|| junk.clone());
+
+        let inf = "/v1/inference";
+        let prep = "/v1/avatars";
+        let cases: Vec<(&str, &str, Vec<P>, StatusCode, &str)> = vec![
+            ("duplicate part", inf, vec![P::File("video", "v.mp4", junk.clone()), P::File("video", "v.mp4", junk.clone())], StatusCode::BAD_REQUEST, "duplicate_part"),
+            ("unknown part", inf, vec![P::Text("colour", b"red".to_vec())], StatusCode::BAD_REQUEST, "unknown_part"),
+            ("missing audio", inf, vec![P::File("video", "v.mp4", junk.clone())], StatusCode::BAD_REQUEST, "missing_part"),
+            ("empty video", inf, vec![P::File("video", "v.mp4", vec![]), P::File("audio", "a.wav", wav.clone())], StatusCode::BAD_REQUEST, "empty_file"),
+            ("video not media", inf, vec![P::File("video", "v.mp4", junk.clone()), P::File("audio", "a.wav", wav.clone())], StatusCode::BAD_REQUEST, "invalid_video"),
+            ("bad avatar id", inf, vec![P::Text("avatar_id", b"../x".to_vec())], StatusCode::BAD_REQUEST, "invalid_avatar_id"),
+            ("bbox out of range", inf, vec![P::Text("bbox_shift", b"500".to_vec())], StatusCode::BAD_REQUEST, "invalid_bbox_shift"),
+            ("batch not a number", inf, vec![P::Text("batch_size", b"many".to_vec())], StatusCode::BAD_REQUEST, "invalid_batch_size"),
+            ("text too long", inf, vec![P::Text("avatar_id", vec![b'a'; 300])], StatusCode::BAD_REQUEST, "field_too_long"),
+            ("text not utf-8", inf, vec![P::Text("avatar_id", vec![0xff, 0xfe])], StatusCode::BAD_REQUEST, "invalid_utf8"),
+            ("file too large", inf, vec![P::File("video", "v.mp4", vec![7; 6000])], StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
+            ("prepare without id", prep, vec![P::File("video", "v.mp4", some_video.clone())], StatusCode::BAD_REQUEST, "missing_part"),
+            ("prepare with an audio part", prep, vec![P::File("audio", "a.wav", wav.clone())], StatusCode::BAD_REQUEST, "unknown_part"),
+            ("prepare a taken id", prep, vec![P::Text("avatar_id", b"held".to_vec()), P::File("video", "v.mp4", some_video.clone())], StatusCode::CONFLICT, "avatar_exists"),
+            ("speak to no avatar", "/v1/avatars/nobody/speak", vec![P::File("audio", "a.wav", wav.clone())], StatusCode::NOT_FOUND, "avatar_not_found"),
+        ];
+        let mut cases = cases;
+        if let Some(v) = &video {
+            cases.push(("audio not media", inf, vec![P::File("video", "v.mp4", v.clone()), P::File("audio", "a.wav", wav.clone())], StatusCode::BAD_REQUEST, "invalid_audio"));
+            cases.push(("audio is a video without sound", inf, vec![P::File("video", "v.mp4", v.clone()), P::File("audio", "a.mp4", v.clone())], StatusCode::BAD_REQUEST, "invalid_audio"));
+        }
+        let send = |path: &str, content_type: String, bytes: Vec<u8>| {
+            let app = app.clone();
+            let req = Request::post(path).header("content-type", content_type).body(Body::from(bytes)).unwrap();
+            async move {
+                let r = app.oneshot(req).await.unwrap();
+                let status = r.status();
+                let v: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+                (status, v)
+            }
+        };
+        let mut failures = Vec::new();
+        for (name, path, parts, status, code) in cases {
+            let (got, v) = send(path, format!("multipart/form-data; boundary={B}"), body(&parts)).await;
+            if got != status || v["error"] != code || !v["detail"].as_str().is_some_and(|d| !d.is_empty()) {
+                failures.push(format!("{name}: expected {status} {code}, got {got} {v}"));
+            }
+            let left: Vec<_> = std::fs::read_dir(config.jobs_dir()).unwrap().flatten().collect();
+            if !left.is_empty() {
+                failures.push(format!("{name}: left {} job dir(s)", left.len()));
+                for d in left {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
+        // Not multipart at all, and a multipart body that breaks off.
+        let (got, v) = send(inf, "application/json".into(), b"{}".to_vec()).await;
+        if got != StatusCode::UNSUPPORTED_MEDIA_TYPE || v["error"] != "not_multipart" || !v["detail"].as_str().unwrap_or_default().contains("`video` and `audio` parts") {
+            failures.push(format!("not multipart: {got} {v}"));
+        }
+        let (got, v) = send(inf, format!("multipart/form-data; boundary={B}"), format!("--{B}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n\r\nabc").into_bytes()).await;
+        if got != StatusCode::BAD_REQUEST || v["error"] != "invalid_multipart" {
+            failures.push(format!("cut-off multipart: {got} {v}"));
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        assert!(state.jobs.avatars.reserve("held").is_err(), "a refused prepare leaves the other's reservation alone");
+        drop(held);
+        if video.is_none() {
+            eprintln!("ffmpeg not found: the probe cases were skipped");
+        }
+    }
+}
