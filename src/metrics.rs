@@ -124,21 +124,6 @@ pub struct MemoryStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GpuLabels {
-    pub gpu: String,
-    pub hw_id: String,
-    pub hw_model: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GpuTaskLabels {
-    pub gpu: String,
-    pub hw_id: String,
-    pub hw_model: String,
-    pub hw_gpu_task: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -269,11 +254,8 @@ pub struct Metrics {
     pub system_cpu_utilization: Family<CpuLabels, FGauge>,
     pub system_memory_usage: Family<MemoryStateLabels, FGauge>,
     pub system_memory_limit: FGauge,
-    pub gpu_utilization: Family<GpuTaskLabels, FGauge>,
-    pub gpu_memory_usage: Family<GpuLabels, FGauge>,
-    pub gpu_memory_limit: Family<GpuLabels, FGauge>,
-    pub gpu_temperature: Family<GpuLabels, FGauge>,
-    pub gpu_power: Family<GpuLabels, FGauge>,
+    /// The GPU source's own families (`collector/gpu.rs` defines, registers and publishes them).
+    pub gpu: crate::collector::gpu::GpuFamilies,
     // The pipeline's process trees, summed per mode.
     pub pipeline_cpu_utilization: Family<ModeLabels, FGauge>,
     pub pipeline_memory_rss: Family<ModeLabels, FGauge>,
@@ -321,11 +303,7 @@ impl Metrics {
             system_cpu_utilization: Family::default(),
             system_memory_usage: Family::default(),
             system_memory_limit: FGauge::default(),
-            gpu_utilization: Family::default(),
-            gpu_memory_usage: Family::default(),
-            gpu_memory_limit: Family::default(),
-            gpu_temperature: Family::default(),
-            gpu_power: Family::default(),
+            gpu: Default::default(),
             pipeline_cpu_utilization: Family::default(),
             pipeline_memory_rss: Family::default(),
             pipeline_gpu_memory: Family::default(),
@@ -354,11 +332,7 @@ impl Metrics {
         r.register_with_unit("system_cpu_utilization", "Busy share of each logical CPU over the last sample interval.", ratio(), m.system_cpu_utilization.clone());
         r.register_with_unit("system_memory_usage", "Host memory by state.", Unit::Bytes, m.system_memory_usage.clone());
         r.register_with_unit("system_memory_limit", "Total host memory.", Unit::Bytes, m.system_memory_limit.clone());
-        r.register_with_unit("hw_gpu_utilization", "GPU busy share by engine (general = SM, encoder, decoder).", ratio(), m.gpu_utilization.clone());
-        r.register_with_unit("hw_gpu_memory_usage", "GPU memory used.", Unit::Bytes, m.gpu_memory_usage.clone());
-        r.register_with_unit("hw_gpu_memory_limit", "GPU memory total.", Unit::Bytes, m.gpu_memory_limit.clone());
-        r.register_with_unit("hw_temperature", "GPU core temperature.", Unit::Celsius, m.gpu_temperature.clone());
-        r.register_with_unit("hw_power", "GPU power draw.", Unit::Other("watts".into()), m.gpu_power.clone());
+        m.gpu.register(&mut r);
         r.register_with_unit("musetalk_pipeline_cpu_utilization", "CPU share (of all logical CPUs) used by the pipeline's process trees.", ratio(), m.pipeline_cpu_utilization.clone());
         r.register_with_unit("musetalk_pipeline_memory_rss", "Resident memory of the pipeline's process trees.", Unit::Bytes, m.pipeline_memory_rss.clone());
         r.register_with_unit("musetalk_pipeline_gpu_memory", "GPU memory used by the pipeline's process trees.", Unit::Bytes, m.pipeline_gpu_memory.clone());

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::metrics::{CpuLabels, GpuLabels, GpuTaskLabels, MemoryStateLabels, Metrics, ModeLabels, SourceLabels};
+use crate::metrics::{CpuLabels, MemoryStateLabels, Metrics, ModeLabels, SourceLabels};
 pub use ring::{AvgPeak, GpuWindow, Ring, TreeWindow, Window};
 
 /// The bounded set of sources (the `source` label).
@@ -80,29 +80,7 @@ pub struct MemorySample {
     pub buffers: u64,
 }
 
-/// One GPU's figures; a field is `None` when the driver does not report it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GpuSample {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    pub util_general: Option<f64>,
-    pub util_encoder: Option<f64>,
-    pub util_decoder: Option<f64>,
-    pub memory_used: Option<u64>,
-    pub memory_total: Option<u64>,
-    pub temperature_celsius: Option<f64>,
-    pub power_watts: Option<f64>,
-    /// Processes using this GPU (host pids), with their memory and SM share when known.
-    pub processes: Vec<GpuProcess>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GpuProcess {
-    pub pid: u32,
-    pub memory_used: Option<u64>,
-    pub sm_util: Option<f64>,
-}
+pub use gpu::{GpuProcess, GpuSample};
 
 /// `mode` of a tree registered only for a job's resource window (a shared worker whose
 /// figures the pipeline gauges already count under its own registration).
@@ -380,29 +358,7 @@ pub fn publish(m: &Metrics, s: &Sample) {
         }
         m.system_memory_limit.set(mem.total as f64);
     }
-    m.gpu_utilization.clear();
-    m.gpu_memory_usage.clear();
-    m.gpu_memory_limit.clear();
-    m.gpu_temperature.clear();
-    m.gpu_power.clear();
-    for g in s.gpus.iter().flatten() {
-        let l = GpuLabels { gpu: g.index.to_string(), hw_id: g.uuid.clone(), hw_model: g.name.clone() };
-        for (task, v) in [("general", g.util_general), ("encoder", g.util_encoder), ("decoder", g.util_decoder)] {
-            if let Some(v) = v {
-                let tl = GpuTaskLabels { gpu: l.gpu.clone(), hw_id: l.hw_id.clone(), hw_model: l.hw_model.clone(), hw_gpu_task: task };
-                m.gpu_utilization.get_or_create(&tl).set(v);
-            }
-        }
-        let set = |fam: &prometheus_client::metrics::family::Family<GpuLabels, crate::metrics::FGauge>, v: Option<f64>| {
-            if let Some(v) = v {
-                fam.get_or_create(&l).set(v);
-            }
-        };
-        set(&m.gpu_memory_usage, g.memory_used.map(|v| v as f64));
-        set(&m.gpu_memory_limit, g.memory_total.map(|v| v as f64));
-        set(&m.gpu_temperature, g.temperature_celsius);
-        set(&m.gpu_power, g.power_watts);
-    }
+    m.gpu.publish(s.gpus.as_deref());
     // Pipeline gauges: summed per mode; both modes always present (0 when idle).
     for mode in ["simple", "realtime"] {
         let trees = s.trees.iter().filter(|t| t.mode == mode);
