@@ -70,7 +70,7 @@ impl AppState {
         });
         // Realtime workers count only where they exist (preview needs none; off: not asked).
         let rt = &self.jobs.realtime;
-        if rt.enabled() && rt.name() == "worker" {
+        if rt.enabled() && rt.has_workers() {
             let r = rt.readiness();
             checks.push(admin::ReadinessCheck { name: "realtime_workers", ok: r.is_ok(), detail: r.unwrap_or_else(|e| e) });
         }

@@ -223,15 +223,21 @@ pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admiss
     finish(&m, &job, &inputs, rec, result, !is_prepare);
 }
 
+/// A realtime job's `queue_wait` for an idle worker (or preview slot), then running.
+async fn realtime_slot(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, admission: Admission) -> Result<(Box<dyn pipeline::realtime::Slot>, RunningGuard), StepFailure> {
+    let engine = m.realtime.clone();
+    let cancel = job.cancel.clone();
+    let slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline(Step::QueueWait, e)) }).await?;
+    let running = enter_running(m, job, admission);
+    rec.worker = slot.worker();
+    Ok((slot, running))
+}
+
 /// Realtime `speak`: file_processing, queue_wait (an idle worker), inference,
 /// output_discovery, response_preparation.
 async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
-    let engine = m.realtime.clone();
-    let cancel = job.cancel.clone();
-    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline(Step::QueueWait, e)) }).await?;
-    let _running = enter_running(m, job, admission);
-    rec.worker = slot.worker();
+    let (mut slot, _running) = realtime_slot(m, job, rec, admission).await?;
     let output = job.dir.join("result").join("output.mp4");
     let scope = StepScope::open(job, Step::Inference);
     let span = scope.span.clone();
@@ -264,11 +270,7 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
 /// Realtime `prepare`: file_processing, queue_wait, avatar_preparation, response_preparation.
 async fn run_prepare(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, receive_seconds: f64, rec: &mut Record) -> Result<(), StepFailure> {
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
-    let engine = m.realtime.clone();
-    let cancel = job.cancel.clone();
-    let mut slot = queue_wait(m, job, rec, async { engine.acquire(&cancel).await.map_err(|e| StepFailure::from_pipeline(Step::QueueWait, e)) }).await?;
-    let _running = enter_running(m, job, admission);
-    rec.worker = slot.worker();
+    let (mut slot, _running) = realtime_slot(m, job, rec, admission).await?;
     let scope = StepScope::open(job, Step::AvatarPreparation);
     let span = scope.span.clone();
     let req = PrepareRequest {

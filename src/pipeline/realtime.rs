@@ -75,6 +75,10 @@ pub trait RealtimeEngine: Send + Sync {
     fn enabled(&self) -> bool {
         true
     }
+    /// Runs persistent worker processes (whose health readiness reports).
+    fn has_workers(&self) -> bool {
+        false
+    }
     /// `Ok(description)` when requests can be served now.
     fn readiness(&self) -> Result<String, String>;
     /// Waits for a free worker or slot (the job's `queue_wait`).
@@ -313,6 +317,9 @@ struct WorkerSlot {
 impl RealtimeEngine for WorkerEngine {
     fn name(&self) -> &'static str {
         "worker"
+    }
+    fn has_workers(&self) -> bool {
+        true
     }
     fn readiness(&self) -> Result<String, String> {
         self.pool.readiness()
