@@ -11,6 +11,7 @@ pub mod config;
 pub mod instance;
 pub mod jobs;
 pub mod metrics;
+pub mod mode;
 pub mod pipeline;
 pub mod telemetry;
 pub mod ui;

@@ -10,7 +10,7 @@ use super::jobs::{JobErrorBody, JobFailure, JobResponse, respond};
 use super::upload::{self, Media, UPLOAD_400};
 use super::{ApiError, AppState, storage_error};
 use crate::jobs::avatars::{AvatarError, AvatarInfo};
-use crate::jobs::{MODE_REALTIME, Work};
+use crate::jobs::{Mode, Work};
 
 impl From<AvatarError> for ApiError {
     fn from(e: AvatarError) -> Self {
@@ -95,7 +95,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     let form = &upload::PREPARE;
     let multipart = form.multipart(multipart)?;
     realtime_enabled(&st)?;
-    let mut a = upload::accept(&st, MODE_REALTIME, multipart, form).await?;
+    let mut a = upload::accept(&st, Mode::Realtime, multipart, form).await?;
     let (Some((upload, mut info)), Some(reservation)) = (a.form.media(Media::Video), a.form.take_reservation()) else {
         return Err(upload::refuse(&st, &a.job, ApiError::internal("the video or avatar_id part went missing")));
     };
@@ -195,7 +195,7 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
     realtime_enabled(&st)?;
     // Leased before the upload is read: the avatar cannot be deleted under this speak.
     let avatar = st.jobs.avatars.ready(&id)?;
-    let a = upload::accept(&st, MODE_REALTIME, multipart, form).await?;
+    let a = upload::accept(&st, Mode::Realtime, multipart, form).await?;
     let Some((audio, audio_info)) = a.form.media(Media::Audio) else {
         return Err(upload::refuse(&st, &a.job, ApiError::internal("the audio part went missing")));
     };

@@ -15,7 +15,7 @@ use tower::ServiceExt;
 
 use super::upload::{self, Media};
 use super::{ApiError, AppState, storage_error};
-use crate::jobs::{Inputs, Job, JobError, JobEvent, JobState, MODE_SIMPLE, Report};
+use crate::jobs::{Inputs, Job, JobError, JobEvent, JobState, Mode, Report};
 
 
 impl From<JobError> for ApiError {
@@ -167,7 +167,7 @@ pub(super) fn finished_response(job: &Job) -> Response {
 pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
     let form = &upload::INFERENCE;
     let multipart = form.multipart(multipart)?;
-    let a = upload::accept(&st, MODE_SIMPLE, multipart, form).await?;
+    let a = upload::accept(&st, Mode::Simple, multipart, form).await?;
     let (video, video_info) = a.form.media(Media::Video).ok_or_else(|| ApiError::internal("the video part went missing"))?;
     let (audio, audio_info) = a.form.media(Media::Audio).ok_or_else(|| ApiError::internal("the audio part went missing"))?;
     let inputs = Inputs {

@@ -161,7 +161,7 @@ pub struct Accepted<'a> {
 /// Admits (before a byte is read: a full service refuses at once, with `Retry-After`),
 /// creates the job and its `file_processing` span, reads `form` within `--upload-timeout`.
 /// On a refusal the spans say why and the job (never work) and its files go.
-pub async fn accept<'a>(st: &'a AppState, mode: &'static str, mut multipart: Multipart, form: &Form) -> Result<Accepted<'a>, ApiError> {
+pub async fn accept<'a>(st: &'a AppState, mode: crate::mode::Mode, mut multipart: Multipart, form: &Form) -> Result<Accepted<'a>, ApiError> {
     let admission = st.jobs.admit(mode).map_err(|e| {
         let retry = st.jobs.retry_after_secs(mode);
         ApiError::from(e).with_retry_after(retry)

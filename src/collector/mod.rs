@@ -360,7 +360,7 @@ pub fn publish(m: &Metrics, s: &Sample) {
     }
     m.gpu.publish(s.gpus.as_deref());
     // Pipeline gauges: summed per mode; both modes always present (0 when idle).
-    for mode in ["simple", "realtime"] {
+    for mode in crate::mode::Mode::ALL.map(crate::mode::Mode::as_str) {
         let trees = s.trees.iter().filter(|t| t.mode == mode);
         let (cpu, rss, gpu) = trees.fold((0.0, 0u64, None::<u64>), |(c, r, g), t| {
             (c + t.cpu_ratio, r + t.rss_bytes, match (g, t.gpu_memory_bytes) {

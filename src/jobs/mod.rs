@@ -29,10 +29,7 @@ use crate::metrics::{JobLabels, Metrics, ModeLabels, RejectLabels};
 use crate::pipeline::{Backend, MediaInfo};
 pub use report::Report;
 
-/// `simple` (one subprocess per job) or `realtime` (a prepared avatar).
-pub const MODE_SIMPLE: &str = "simple";
-pub const MODE_REALTIME: &str = "realtime";
-const MODES: [&str; 2] = [MODE_SIMPLE, MODE_REALTIME];
+pub use crate::mode::Mode;
 /// What a job is assumed to take before one has finished (for `Retry-After`).
 const DEFAULT_JOB_SECONDS: f64 = 5.0;
 
@@ -51,10 +48,6 @@ fn retry_after(per_job: f64, ahead: usize, slots: usize) -> u64 {
 /// The `reason` label of `musetalk_jobs_rejected_total`: a full queue (429), a draining service (503).
 const REJECT_REASONS: [&str; 2] = ["queue_full", "draining"];
 
-/// Index of a mode in the per-mode counters.
-fn mode_index(mode: &str) -> usize {
-    usize::from(mode == MODE_REALTIME)
-}
 
 /// What a job does.
 pub enum Work {
@@ -129,7 +122,7 @@ impl JobState {
 pub struct JobStatus {
     pub job_id: String,
     pub trace_id: String,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub backend: &'static str,
     pub state: JobState,
     pub stage: Option<String>,
@@ -188,7 +181,7 @@ pub struct Inputs {
 /// One job. Shared between the HTTP layer (status, events, cancel) and its runner task.
 pub struct Job {
     pub id: String,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub backend: &'static str,
     pub dir: PathBuf,
     pub created: SystemTime,
@@ -371,7 +364,7 @@ impl JobManager {
         m.publish_queue();
         // Every series whose label set is known now exists now, at 0 (Prometheus'
         // instrumentation guidance): a healthy service's error panels read 0, not "No data".
-        for mode in MODES {
+        for mode in Mode::ALL.map(Mode::as_str) {
             for state in [JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::TimedOut] {
                 let _ = m.metrics.jobs.get_or_create(&JobLabels { mode, backend: m.backend.name(), outcome: state.as_str() });
             }
@@ -395,8 +388,8 @@ impl JobManager {
     }
 
     fn publish_queue(&self) {
-        for (i, mode) in MODES.iter().enumerate() {
-            let l = ModeLabels { mode };
+        for (i, mode) in Mode::ALL.iter().enumerate() {
+            let l = ModeLabels { mode: mode.as_str() };
             self.metrics.jobs_capacity.get_or_create(&l).set((self.slots(i) + self.config.queue_size) as i64);
             self.metrics.jobs_queued.get_or_create(&l).set(self.queued[i].load(Ordering::Acquire) as i64);
             self.metrics.jobs_in_flight.get_or_create(&l).set(self.running[i].load(Ordering::Acquire) as i64);
@@ -404,19 +397,19 @@ impl JobManager {
     }
 
     /// Reserves a place before anything is uploaded, so a full service refuses at once.
-    pub fn admit(self: &Arc<Self>, mode: &'static str) -> Result<Admission, JobError> {
+    pub fn admit(self: &Arc<Self>, mode: Mode) -> Result<Admission, JobError> {
         let refused = |e: JobError| {
             let reason = match e {
                 JobError::QueueFull { .. } => REJECT_REASONS[0],
                 _ => REJECT_REASONS[1],
             };
-            self.metrics.jobs_rejected.get_or_create(&RejectLabels { mode, reason }).inc();
+            self.metrics.jobs_rejected.get_or_create(&RejectLabels { mode: mode.as_str(), reason }).inc();
             Err(e)
         };
         if self.draining.load(Ordering::Acquire) {
             return refused(JobError::Draining);
         }
-        let i = mode_index(mode);
+        let i = mode.index();
         let slots = self.slots(i);
         let running = self.running[i].load(Ordering::Acquire);
         let limit = self.config.queue_size + slots.saturating_sub(running);
@@ -436,24 +429,24 @@ impl JobManager {
 
     /// Records how long a finished job of `mode` took to process (queue wait excluded),
     /// for [`retry_after_secs`](Self::retry_after_secs).
-    pub fn observe_processing(&self, mode: &str, seconds: f64) {
+    pub fn observe_processing(&self, mode: Mode, seconds: f64) {
         if seconds.is_finite() && seconds >= 0.0 {
-            let mut avg = self.processing_avg[mode_index(mode)].lock().unwrap_or_else(|e| e.into_inner());
+            let mut avg = self.processing_avg[mode.index()].lock().unwrap_or_else(|e| e.into_inner());
             *avg = Some(avg.map_or(seconds, |a| ewma(a, seconds)));
         }
     }
 
     /// `Retry-After` for a refused `mode` request: the time the jobs ahead of it take, from
     /// what this service's jobs of that mode really took (5 s each until one finished).
-    pub fn retry_after_secs(&self, mode: &str) -> u64 {
-        let i = mode_index(mode);
+    pub fn retry_after_secs(&self, mode: Mode) -> u64 {
+        let i = mode.index();
         let ahead = self.queued[i].load(Ordering::Acquire) + self.running[i].load(Ordering::Acquire);
         let per_job = self.processing_avg[i].lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(DEFAULT_JOB_SECONDS);
         retry_after(per_job, ahead, self.slots(i))
     }
 
     /// Creates the job (its dir and its span, child of the current span).
-    pub fn create(self: &Arc<Self>, mode: &'static str) -> Result<Arc<Job>, JobError> {
+    pub fn create(self: &Arc<Self>, mode: Mode) -> Result<Arc<Job>, JobError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let dir = self.config.jobs_dir().join(&id);
         std::fs::create_dir_all(&dir).map_err(JobError::JobDir)?;
@@ -461,7 +454,7 @@ impl JobManager {
             "musetalk.job",
             otel.name = "musetalk.job",
             musetalk.job.id = %id,
-            musetalk.mode = mode,
+            musetalk.mode = mode.as_str(),
             musetalk.backend = self.backend.name(),
             musetalk.outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,

@@ -13,7 +13,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
 use super::avatars::{Avatar, AvatarState};
-use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Step, Work, mode_index};
+use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Step, Work};
 use crate::metrics::{ExitLabels, InputLabels, JobLabels, Metrics, ModeLabels, StageLabels, StepLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, EndReason, JobInput, PipelineError, ProcessOutcome, RunOptions, StageEvent, Stream};
@@ -102,7 +102,7 @@ async fn step<T>(m: &JobManager, job: &Job, rec: &mut Record, step: Step, f: imp
 /// Records a step's duration; for `file_processing`, timed by the upload that ran it,
 /// this is all; every other step gets here through [`StepScope::close`].
 fn record_step(m: &JobManager, job: &Job, rec: &mut Record, step: Step, secs: f64) {
-    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode, step: step.as_str() }, secs, &job.trace_id);
+    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode.as_str(), step: step.as_str() }, secs, &job.trace_id);
     rec.steps.push((step.as_str().to_string(), secs));
     let timings = report::timings(&rec.steps, 0.0);
     job.update(|s| s.steps = timings);
@@ -152,7 +152,7 @@ impl<'a> StageRecorder<'a> {
         if let Some((t0, mut s)) = self.open.remove(&name) {
             let secs = at.duration_since(t0).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             s.end_with_timestamp(at);
-            Metrics::observe_traced(&self.metrics.stage_duration, &StageLabels { mode: self.job.mode, stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
+            Metrics::observe_traced(&self.metrics.stage_duration, &StageLabels { mode: self.job.mode.as_str(), stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
             self.stages.push((name.clone(), secs));
             self.job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
         }
@@ -192,16 +192,16 @@ async fn queue_wait<T>(m: &Arc<JobManager>, job: &Job, rec: &mut Record, acquire
         telemetry::set_error(&queue_span, e.message.clone());
     }
     drop(queue_span);
-    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode }).observe(rec.queue_seconds);
+    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode.as_str() }).observe(rec.queue_seconds);
     got
 }
 
 /// Marks the job running (leaves the queue count, enters the in-flight count).
 fn enter_running(m: &Arc<JobManager>, job: &Job, admission: Admission) -> RunningGuard {
-    m.running[mode_index(job.mode)].fetch_add(1, Ordering::AcqRel);
+    m.running[job.mode.index()].fetch_add(1, Ordering::AcqRel);
     admission.release();
     job.set_state(JobState::Running);
-    RunningGuard(m.clone(), mode_index(job.mode))
+    RunningGuard(m.clone(), job.mode.index())
 }
 
 pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, work: Work, receive_seconds: f64) {
@@ -306,7 +306,7 @@ struct EngineRecorder<'a> {
 
 impl<'a> EngineRecorder<'a> {
     fn new(m: &Arc<JobManager>, job: &'a Job, span: &tracing::Span) -> Self {
-        EngineRecorder { stages: StageRecorder::new(job, m.metrics.clone(), span), span: span.clone(), collector: m.collector.clone(), mode: job.mode, guard: None, started: Instant::now() }
+        EngineRecorder { stages: StageRecorder::new(job, m.metrics.clone(), span), span: span.clone(), collector: m.collector.clone(), mode: job.mode.as_str(), guard: None, started: Instant::now() }
     }
 
     fn on(&mut self, ev: EngineEvent) {
@@ -430,7 +430,7 @@ async fn execute(
     let clock = pipeline::Clock::now();
     let mut guard = None;
     let collector = m.collector.clone();
-    let mode = job.mode;
+    let mode = job.mode.as_str();
     let mut handle = |ev: StageEvent| match ev {
         StageEvent::Start { name, at } => stages.start(name, clock.to_system(at)),
         StageEvent::End { name, at } => stages.end(name, clock.to_system(at)),
@@ -517,7 +517,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
         job_id: job.id.clone(),
         trace_id: job.trace_id.clone(),
         trace_url: m.config.trace_ui_url.as_ref().map(|u| u.replace("{trace_id}", &job.trace_id)),
-        mode: job.mode.into(),
+        mode: job.mode.as_str().into(),
         backend: job.backend.into(),
         outcome: state.as_str().into(),
         error: error.clone(),
@@ -582,12 +582,12 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
 
     // Metrics.
-    let labels = JobLabels { mode: job.mode, backend: job.backend, outcome: state.as_str() };
+    let labels = JobLabels { mode: job.mode.as_str(), backend: job.backend, outcome: state.as_str() };
     m.metrics.jobs.get_or_create(&labels).inc();
     Metrics::observe_traced(&m.metrics.job_duration, &labels, total, &job.trace_id);
-    let ml = ModeLabels { mode: job.mode };
-    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode, kind: "video" }).observe(inputs.video_info.size_bytes as f64);
-    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode, kind: "audio" }).observe(inputs.audio_info.size_bytes as f64);
+    let ml = ModeLabels { mode: job.mode.as_str() };
+    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode.as_str(), kind: "video" }).observe(inputs.video_info.size_bytes as f64);
+    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode.as_str(), kind: "audio" }).observe(inputs.audio_info.size_bytes as f64);
     if let Some(o) = rec.output_bytes {
         m.metrics.output_size.get_or_create(&ml).observe(o as f64);
     }

@@ -331,7 +331,7 @@ impl WorkerPool {
         *worker.pid.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
         *worker.pgid.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid as i32);
         worker.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let _tree: TreeGuard = self.collector.register_tree(pid, "realtime");
+        let _tree: TreeGuard = self.collector.register_tree(pid, crate::mode::Mode::Realtime.as_str());
         let _tracked = super::groups::track(pid);
         *worker.stdin.lock().await = child.stdin.take();
         tracing::info!(worker = %spec.name, pid, "realtime worker started");

@@ -381,7 +381,7 @@ fn job_view(st: &AppState, ui: &UiConfig, job: &Job, detail: bool) -> JobView {
     JobView {
         id: job.id.clone(),
         trace_id: job.trace_id.clone(),
-        mode: job.mode,
+        mode: job.mode.as_str(),
         backend: job.backend,
         state: status.state,
         created_at: status.created_at.clone(),
