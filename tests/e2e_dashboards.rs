@@ -869,6 +869,14 @@ impl RepoPrometheus {
         panic!("Prometheus did not become ready; log:\n{last}");
     }
 
+    /// Started against `svc`, once its first scrape succeeded; with the `instance` label it scrapes under.
+    async fn scraping(svc: &Service) -> (RepoPrometheus, String) {
+        let prom = RepoPrometheus::start(svc.metrics_addr()).await;
+        let instance = svc.metrics_addr().to_string();
+        prom.wait_value(&format!(r#"up{{job="musetalk-sidecar", instance="{instance}"}}"#), Duration::from_secs(20), |v| v == 1.0).await;
+        (prom, instance)
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
@@ -1289,14 +1297,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         .start()
         .await;
     svc.wait_ready().await;
-    let prom = RepoPrometheus::start(svc.metrics_addr()).await;
-    let instance = svc.metrics_addr().to_string();
-    prom.wait_value(
-        &format!(r#"up{{job="musetalk-sidecar", instance="{instance}"}}"#),
-        Duration::from_secs(20),
-        |v| v == 1.0,
-    )
-    .await;
+    let (prom, instance) = RepoPrometheus::scraping(&svc).await;
 
     // Jobs one after another: succeeded, failed, succeeded, failed, succeeded. Waiting for
     // Prometheus to see each one puts a scrape between them, so every counter and bucket
@@ -1651,14 +1652,7 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
         }
     }
 
-    let prom = RepoPrometheus::start(svc.metrics_addr()).await;
-    let instance = svc.metrics_addr().to_string();
-    prom.wait_value(
-        &format!(r#"up{{job="musetalk-sidecar", instance="{instance}"}}"#),
-        Duration::from_secs(20),
-        |v| v == 1.0,
-    )
-    .await;
+    let (prom, instance) = RepoPrometheus::scraping(&svc).await;
     // Successful jobs only, a scrape apart (so every counter increases inside the window):
     // two simple jobs, an avatar preparation, two speaks.
     let finished = |n: usize| {
