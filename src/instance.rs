@@ -40,19 +40,29 @@ impl DataDirLock {
         let io = |source| LockError::Io { path: path.clone(), source };
         std::fs::create_dir_all(path.parent().unwrap_or(data_dir)).map_err(io)?;
         // Opened without truncating: the holder's pid must survive a refused attempt.
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let holder = match pid.trim() {
-                    "" => "pid unknown".to_string(),
-                    p => format!("pid {p}"),
-                };
-                return Err(LockError::Held { dir: data_dir.to_path_buf(), holder });
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        // `check` ([`holder`]) holds a shared lock for a moment: a few short retries tell
+        // that apart from a running instance, which holds it for its life.
+        let mut tries = 0;
+        let mut lock = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if tries < 4 => {
+                    tries += 1;
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let mut pid = String::new();
+                    let _ = f.read_to_string(&mut pid);
+                    let holder = match pid.trim() {
+                        "" => "pid unknown".to_string(),
+                        p => format!("pid {p}"),
+                    };
+                    return Err(LockError::Held { dir: data_dir.to_path_buf(), holder });
+                }
+                Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
             }
-            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
         };
         lock.set_len(0).map_err(io)?;
         lock.rewind().map_err(io)?;

@@ -64,12 +64,14 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let mut collector = Collector::start(Collector::default_sources(), metrics.clone(), config.sample_interval, config.ring_capacity());
-    let state = build_state(config.clone(), metrics, collector.handle(), auth, telemetry.exporting());
-    let (jobs, backend, realtime) = (state.jobs.clone(), state.jobs.backend.clone(), state.jobs.realtime.clone());
+    // Before anything starts a process (worker pools start theirs in build_state): the
+    // registry must record them, and must not take them for an earlier run's leftovers.
     let orphans = pipeline::groups::init(&config.data_dir.join("run").join("groups"));
     if orphans > 0 {
         tracing::warn!(groups = orphans, "killed pipeline processes left by an earlier run");
     }
+    let state = build_state(config.clone(), metrics, collector.handle(), auth, telemetry.exporting());
+    let (jobs, backend, realtime) = (state.jobs.clone(), state.jobs.backend.clone(), state.jobs.realtime.clone());
     let stale = jobs.clean_stale_dirs();
     if stale > 0 {
         tracing::info!(dirs = stale, "removed job directories left by an earlier run");

@@ -357,6 +357,10 @@ async fn report_of_a_running_job_says_so_and_of_a_failed_one_exits_1() {
 // ---------------------------------------------------------------------------------------
 // check
 
+/// A listen address any test may check at once: port 0 is always free (the default
+/// 0.0.0.0:8000 would make these tests fail wherever a real service runs).
+const FREE: &str = "127.0.0.1:0";
+
 /// The `check` output line for `name` (`LEVEL  name  detail`), and the `fix:` line under it if any.
 fn check_line<'a>(out: &'a str, name: &str) -> Option<(&'a str, Option<&'a str>)> {
     let lines: Vec<&str> = out.lines().collect();
@@ -373,7 +377,7 @@ fn level(line: &str) -> &str {
 async fn check_the_preview_setup_reports_ffmpeg_and_nvml() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = cli(dir.path(), &["check", "--data-dir", path_str(&data)]).await;
+    let run = cli(dir.path(), &["check", "--data-dir", path_str(&data), "--listen", FREE]).await;
     assert_eq!(run.code, Some(0), "the preview set-up has what it needs: {}", run.show());
     let out = &run.stdout;
 
@@ -391,7 +395,7 @@ async fn check_the_preview_setup_reports_ffmpeg_and_nvml() {
         let fix = fix.unwrap_or_else(|| panic!("no fix line under nvml: {out}"));
         assert!(fix.contains("NVIDIA driver") && fix.contains("--gpus all") && fix.contains("NVIDIA_VISIBLE_DEVICES"), "{out}");
         // ... which --require-gpu makes a failure.
-        let strict = cli(dir.path(), &["check", "--data-dir", path_str(&data), "--require-gpu"]).await;
+        let strict = cli(dir.path(), &["check", "--data-dir", path_str(&data), "--require-gpu", "--listen", FREE]).await;
         assert_eq!(strict.code, Some(1), "{}", strict.show());
         assert_eq!(level(check_line(&strict.stdout, "nvml").unwrap().0), "FAIL");
     } else {
@@ -451,7 +455,7 @@ async fn check_fails_when_the_backend_cannot_really_run_a_job() {
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let data = dir.path().join("data");
-    let run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data)], &[("PATH", &path)]).await;
+    let run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data), "--listen", FREE], &[("PATH", &path)]).await;
     assert_eq!(run.code, Some(1), "check must fail when a job would: {}", run.show());
     let out = &run.stdout;
     assert_eq!(level(check_line(out, "ffmpeg").unwrap().0), "ok", "the version check alone passes: {out}");
@@ -463,7 +467,7 @@ async fn check_fails_when_the_backend_cannot_really_run_a_job() {
     assert!(!data.exists(), "check creates nothing");
 
     // The same set-up with a working ffmpeg given explicitly is ready.
-    let ok_run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data), "--ffmpeg", real.trim()], &[("PATH", &path)]).await;
+    let ok_run = cli_env(dir.path(), &["check", "--data-dir", path_str(&data), "--ffmpeg", real.trim(), "--listen", FREE], &[("PATH", &path)]).await;
     assert_eq!(ok_run.code, Some(0), "{}", ok_run.show());
 }
 
@@ -490,7 +494,7 @@ async fn check_a_missing_musetalk_dir_fails_with_the_fix() {
 async fn check_the_musetalk_fixture_lists_models_and_python_packages() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/musetalk");
     let dir = tempfile::tempdir().unwrap();
-    let run = cli(dir.path(), &["check", "--backend", "musetalk", "--musetalk-dir", path_str(&fixture), "--data-dir", path_str(dir.path())]).await;
+    let run = cli(dir.path(), &["check", "--backend", "musetalk", "--musetalk-dir", path_str(&fixture), "--data-dir", path_str(dir.path()), "--listen", FREE]).await;
     let out = &run.stdout;
     assert_eq!(level(check_line(out, "musetalk dir").unwrap().0), "ok", "{out}");
     assert_eq!(level(check_line(out, "musetalk script").unwrap().0), "ok", "{out}");

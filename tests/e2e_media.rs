@@ -322,7 +322,10 @@ async fn a_memory_limited_render_never_succeeds_damaged() {
     } else {
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
         assert_eq!(body["report"]["outcome"], "failed", "{body}");
-        assert_eq!(body["report"]["error"]["step"], "subprocess_execution", "the step that failed is named: {body}");
+        // ffmpeg either fails (subprocess_execution) or drops frames and exits 0, which
+        // the output check catches (output_discovery); never success.
+        let step = body["report"]["error"]["step"].as_str().unwrap_or_default();
+        assert!(["subprocess_execution", "output_discovery"].contains(&step), "the step that failed is named: {body}");
         let msg = body["report"]["error"]["message"].as_str().unwrap();
         assert!(!msg.is_empty() && !msg.contains("progress=") && !msg.contains("frame="), "the pipeline's own error, not its progress lines: {msg}");
         eprintln!("failed as it should: {msg}");

@@ -308,6 +308,7 @@ async fn probe(st: &AppState, m: Media, path: &Path) -> Result<MediaInfo, ApiErr
     let info = media::probe_decoding(&st.config.ffprobe, path, m == Media::Video).await.map_err(|e| match e {
         ProbeError::Unreadable(why) => ApiError::bad_request(code, format!("the `{part}` part is not a readable media file: {why}")),
         ProbeError::Undecodable(why) => ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")),
+        ProbeError::Timeout(limit) => ApiError::bad_request(code, format!("the `{part}` part could not be read within {} s", limit.as_secs())),
         other => ApiError::internal(format!("probing the `{part}` part: {other}")),
     })?;
     match m {

@@ -272,7 +272,9 @@ impl AvatarStore {
                 }
             };
             let video = dir.join(&m.video);
-            let material = dir.join(if m.material.is_empty() || m.material.contains('/') { "material" } else { m.material.as_str() });
+            // One plain name inside the avatar's dir, never `..` or a path.
+            let plain = |n: &str| matches!(Path::new(n).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+            let material = dir.join(if plain(&m.material) { m.material.as_str() } else { "material" });
             let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
                 Some((format!("its source video `{}` is missing", m.video), false))
             } else {

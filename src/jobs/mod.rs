@@ -384,7 +384,7 @@ impl JobManager {
 
     /// Run slots of a mode: `--max-concurrent-jobs` for simple jobs, one per realtime worker.
     fn slots(&self, mode: usize) -> usize {
-        if mode == 0 { self.config.max_concurrent_jobs } else { self.config.realtime_gpus.len().max(1) }
+        if mode == 0 || !self.realtime.has_workers() { self.config.max_concurrent_jobs } else { self.config.realtime_gpus.len().max(1) }
     }
 
     fn publish_queue(&self) {

@@ -220,6 +220,9 @@ pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admiss
         }
     }
     let is_prepare = matches!(work, Work::Prepare { .. });
+    // The speak's lease on its avatar ends with the work, before the job is seen finished:
+    // a client that DELETEs the avatar on its answer must not get `avatar_busy`.
+    drop(work);
     finish(&m, &job, &inputs, rec, result, !is_prepare);
 }
 
@@ -505,7 +508,11 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     let _ = scope.close(m, job, &mut rec, Ok(()));
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
-    m.observe_processing(job.mode, processing);
+    // Retry-After learns from jobs that ran to the end: a cancelled or failed job's
+    // seconds say nothing of how long the next one takes, nor does an avatar's preparation.
+    if result.is_ok() && has_output {
+        m.observe_processing(job.mode, processing);
+    }
     let steps = report::timings(&rec.steps, total);
     // Stage shares are of the step that ran them (subprocess_execution, inference, avatar_preparation).
     let exec_secs = rec.exec_window.map(|(a, b)| b.duration_since(a).as_secs_f64()).unwrap_or(0.0);

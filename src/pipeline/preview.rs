@@ -26,6 +26,8 @@ use crate::config::Config;
 pub const FRAME_BUDGET_BYTES: u64 = 256 << 20;
 /// The frame rate of clips that state none, and of stills.
 const DEFAULT_FPS: f64 = 25.0;
+/// The most frames ffmpeg's `loop` filter holds.
+const MAX_LOOP_FRAMES: u64 = 32767;
 
 pub struct Preview {
     ffmpeg: PathBuf,
@@ -120,7 +122,9 @@ fn p(v: &Path) -> String {
 /// `fps=` keeps a variable-frame-rate clip's real timing, where renumbering frames at
 /// a nominal rate played it fast.
 fn video_filter(fps: f64) -> String {
-    format!("scale=trunc(iw/2)*2:trunc(ih/2)*2,fps={fps}")
+    // 8-bit 4:2:0 before anything holds frames: the budget counts frames in it (a 10-bit
+    // or 4:4:4 source would otherwise be held at 2–4× the budget).
+    format!("scale=trunc(iw/2)*2:trunc(ih/2)*2,fps={fps},format=yuv420p")
 }
 
 /// The final encode settings (the job's output).
@@ -162,7 +166,8 @@ pub fn plan(r: &Render) -> Vec<Pass> {
         return vec![Pass::Ffmpeg { what: "render".into(), args: single(format!("[0:v]{vf},format=yuv420p[v]"), &[], &r.video) }];
     }
     // Forward and backward held at once: fine for a short clip.
-    if 2 * clip_frames.max(1) <= fits {
+    // ffmpeg's `loop` filter holds at most 32767 frames.
+    if 2 * clip_frames.max(1) <= fits.min(MAX_LOOP_FRAMES) {
         let loop_size = 2 * clip_frames.max(1);
         let graph = format!("[0:v]{vf},split=2[f][b];[b]reverse[r];[f][r]concat=n=2:v=1:a=0,loop=loop=-1:size={loop_size}:start=0,setpts=N/({}*TB),format=yuv420p[v]", r.fps);
         return vec![Pass::Ffmpeg { what: "render".into(), args: single(graph, &[], &r.video) }];
@@ -183,10 +188,10 @@ pub fn plan(r: &Render) -> Vec<Pass> {
     let listed = |f: &Path| format!("file '{}'\n", f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let mut list = listed(&forward);
     for i in (0..chunks).rev() {
-        // Half a frame before the chunk's first frame, to its last: no rounding can take
-        // a neighbour's frame in or leave one out.
+        // From half a frame before the chunk's first frame to half a frame before the
+        // next chunk's: no rounding can take a neighbour's frame in or leave one out.
         let start = ((i * chunk_frames) as f64 - 0.5).max(0.0) / r.fps;
-        let length = chunk_frames as f64 / r.fps;
+        let length = (((i + 1) * chunk_frames) as f64 - 0.5) / r.fps - start;
         let part = r.work.join(format!("pingpong-reverse-{i:05}.mp4"));
         let mut args: Vec<String> = HEAD[..6].iter().map(|x| s(x)).collect();
         args.extend([s("-ss"), format!("{start:.6}"), s("-t"), format!("{length:.6}"), s("-i"), p(&forward), s("-vf"), s("reverse")]);
@@ -303,7 +308,8 @@ impl Backend for Preview {
             s("--seconds"),
             format!("{:.3}", Self::seconds(job)),
             s("--video-seconds"),
-            format!("{:.3}", v.duration_secs),
+            // The video stream's own length (the container's may include a longer audio track).
+            format!("{:.3}", v.frames.filter(|_| !v.is_still()).map(|n| n as f64 / fps).unwrap_or(v.duration_secs)),
             s("--width"),
             v.width.unwrap_or(2).to_string(),
             s("--height"),
@@ -320,6 +326,12 @@ impl Backend for Preview {
     }
 
     fn discover(&self, job: &JobInput, outcome: &ProcessOutcome, _: &dyn StageParser) -> Result<PathBuf, PipelineError> {
+        // A render stopped before its own clean-up leaves its intermediates: never keep them.
+        for e in std::fs::read_dir(job.result_dir()).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("pingpong") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         super::require_clean_exit(outcome)?;
         let _ = &self.ffprobe;
         super::require_output(&Self::output_path(job))
@@ -402,6 +414,18 @@ mod tests {
         let Pass::Ffmpeg { args, .. } = passes.last().unwrap() else { panic!() };
         assert!(args.windows(2).any(|w| w == ["-stream_loop", "-1"]), "the segment is looped by re-reading it");
         assert!(!graphs(&passes).last().unwrap().contains("reverse"));
+    }
+
+    #[test]
+    fn the_in_memory_loop_respects_ffmpegs_frame_limit() {
+        // 64x64 frames are tiny, but 10 minutes forward and back are 36000 frames: more
+        // than `loop` holds, so the clip goes the chunked way.
+        let passes = plan(&render(1200.0, 600.0, (64, 64)));
+        assert!(passes.len() > 1, "{:?}", &passes[..1]);
+        // And frames are held as 8-bit 4:2:0 whatever the source (the budget counts that).
+        let short = plan(&render(10.0, 2.0, (256, 256)));
+        let g = &graphs(&short)[0];
+        assert!(g.find("format=yuv420p").unwrap() < g.find("split").unwrap(), "{g}");
     }
 
     #[test]
