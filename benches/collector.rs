@@ -41,9 +41,7 @@ fn populated_metrics() -> Metrics {
     let mut s = Sampler::new(vec![Box::new(CpuSource::new()), Box::new(MemorySource::new()), Box::new(ProcessSource::new())], Arc::new(Metrics::new()), 4, Duration::from_millis(500));
     let sample = s.sample_once();
     musetalk_sidecar::collector::publish(&m, &sample);
-    for cpu in 0..64 {
-        m.system_cpu_utilization.get_or_create(&musetalk_sidecar::metrics::CpuLabels { cpu: cpu.to_string() }).set(0.5);
-    }
+    m.cpu.publish(Some(&musetalk_sidecar::collector::CpuSample { per_cpu: vec![0.5; 64], total: 0.5 }));
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for mode in ["simple", "realtime"] {
         for outcome in ["succeeded", "failed"] {

@@ -114,16 +114,6 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CpuLabels {
-    pub cpu: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MemoryStateLabels {
-    pub state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -251,15 +241,13 @@ pub struct Metrics {
     // HTTP.
     pub http_duration: Family<HttpLabels, Histogram, HistCtor>,
     // Host and GPU (OpenTelemetry semantic-convention names).
-    pub system_cpu_utilization: Family<CpuLabels, FGauge>,
-    pub system_memory_usage: Family<MemoryStateLabels, FGauge>,
-    pub system_memory_limit: FGauge,
+    /// The collector sources' own families (each source's file defines, registers and publishes them).
+    pub cpu: crate::collector::cpu::CpuFamilies,
+    pub memory: crate::collector::memory::MemoryFamilies,
     /// The GPU source's own families (`collector/gpu.rs` defines, registers and publishes them).
     pub gpu: crate::collector::gpu::GpuFamilies,
     // The pipeline's process trees, summed per mode.
-    pub pipeline_cpu_utilization: Family<ModeLabels, FGauge>,
-    pub pipeline_memory_rss: Family<ModeLabels, FGauge>,
-    pub pipeline_gpu_memory: Family<ModeLabels, FGauge>,
+    pub pipeline: crate::collector::process::PipelineFamilies,
     // Collector health.
     pub collector_up: Family<SourceLabels, Gauge>,
     pub collector_sample_duration: Family<SourceLabels, Histogram, HistCtor>,
@@ -300,13 +288,10 @@ impl Metrics {
             worker_up: Family::default(),
             worker_restarts: Family::default(),
             http_duration: Family::new_with_constructor(hist(HTTP_BUCKETS)),
-            system_cpu_utilization: Family::default(),
-            system_memory_usage: Family::default(),
-            system_memory_limit: FGauge::default(),
+            cpu: Default::default(),
+            memory: Default::default(),
             gpu: Default::default(),
-            pipeline_cpu_utilization: Family::default(),
-            pipeline_memory_rss: Family::default(),
-            pipeline_gpu_memory: Family::default(),
+            pipeline: Default::default(),
             collector_up: Family::default(),
             collector_sample_duration: Family::new_with_constructor(hist(SAMPLE_BUCKETS)),
             self_process: Arc::default(),
@@ -329,13 +314,10 @@ impl Metrics {
         r.register("musetalk_worker_up", "1 while the realtime worker answers, 0 otherwise.", m.worker_up.clone());
         r.register("musetalk_worker_restarts", "Realtime worker restarts.", m.worker_restarts.clone());
         r.register_with_unit("http_server_request_duration", "HTTP server request duration.", Unit::Seconds, m.http_duration.clone());
-        r.register_with_unit("system_cpu_utilization", "Busy share of each logical CPU over the last sample interval.", ratio(), m.system_cpu_utilization.clone());
-        r.register_with_unit("system_memory_usage", "Host memory by state.", Unit::Bytes, m.system_memory_usage.clone());
-        r.register_with_unit("system_memory_limit", "Total host memory.", Unit::Bytes, m.system_memory_limit.clone());
+        m.cpu.register(&mut r);
+        m.memory.register(&mut r);
         m.gpu.register(&mut r);
-        r.register_with_unit("musetalk_pipeline_cpu_utilization", "CPU share (of all logical CPUs) used by the pipeline's process trees.", ratio(), m.pipeline_cpu_utilization.clone());
-        r.register_with_unit("musetalk_pipeline_memory_rss", "Resident memory of the pipeline's process trees.", Unit::Bytes, m.pipeline_memory_rss.clone());
-        r.register_with_unit("musetalk_pipeline_gpu_memory", "GPU memory used by the pipeline's process trees.", Unit::Bytes, m.pipeline_gpu_memory.clone());
+        m.pipeline.register(&mut r);
         r.register("musetalk_collector_up", "1 if the resource source's last sample succeeded.", m.collector_up.clone());
         r.register_with_unit("musetalk_collector_sample_duration", "Time one resource source took to sample.", Unit::Seconds, m.collector_sample_duration.clone());
         r.register(
@@ -399,7 +381,7 @@ mod tests {
         let m = Metrics::new();
         m.jobs.get_or_create(&JobLabels { mode: "simple", backend: "preview", outcome: "succeeded" }).inc();
         Metrics::observe_traced(&m.step_duration, &StepLabels { mode: "simple", step: "file_processing" }, 0.02, "4bf92f3577b34da6a3ce929d0e0e4736");
-        m.system_cpu_utilization.get_or_create(&CpuLabels { cpu: "0".into() }).set(0.25);
+        m.cpu.publish(Some(&crate::collector::CpuSample { per_cpu: vec![0.25], total: 0.25 }));
         m.set_self_process(SelfProcess { cpu_seconds: 1.5, resident_bytes: 1 << 20, max_fds: Some(1024), ..Default::default() });
         let (ct, text) = m.render(false);
         assert_eq!(ct, TEXT_CONTENT_TYPE);

@@ -3,8 +3,37 @@
 //! `/proc/stat` stays open and its `cpu` lines are parsed by hand (see `procfile`): the
 //! rest of the file (interrupt counts, hundreds of numbers) is never parsed.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::{Registry, Unit};
+
 use super::procfile::ProcFile;
 use super::{CpuSample, Sample, Source, SourceError, SourceName, TreeRegistration};
+use crate::metrics::FGauge;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CpuLabels {
+    pub cpu: String,
+}
+
+/// The CPU source's family (`system.cpu.utilization`), registered and published here.
+#[derive(Debug, Default)]
+pub struct CpuFamilies {
+    utilization: Family<CpuLabels, FGauge>,
+}
+
+impl CpuFamilies {
+    pub fn register(&self, r: &mut Registry) {
+        r.register_with_unit("system_cpu_utilization", "Busy share of each logical CPU over the last sample interval.", Unit::Other("ratio".into()), self.utilization.clone());
+    }
+
+    /// A sample without CPU figures leaves the last ones (the host's CPUs do not vanish).
+    pub fn publish(&self, cpu: Option<&CpuSample>) {
+        for (i, v) in cpu.into_iter().flat_map(|c| c.per_cpu.iter().enumerate()) {
+            self.utilization.get_or_create(&CpuLabels { cpu: i.to_string() }).set(*v);
+        }
+    }
+}
 
 /// (busy, total) jiffies of one CPU line.
 type Jiffies = (u64, u64);

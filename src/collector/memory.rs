@@ -1,7 +1,40 @@
 //! Host memory source: `/proc/meminfo`, split the way `free(1)` splits it.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::{Registry, Unit};
+
 use super::procfile::ProcFile;
 use super::{MemorySample, Sample, Source, SourceError, SourceName, TreeRegistration};
+use crate::metrics::FGauge;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemoryStateLabels {
+    pub state: &'static str,
+}
+
+/// The memory source's families (`system.memory.*`), registered and published here.
+#[derive(Debug, Default)]
+pub struct MemoryFamilies {
+    usage: Family<MemoryStateLabels, FGauge>,
+    limit: FGauge,
+}
+
+impl MemoryFamilies {
+    pub fn register(&self, r: &mut Registry) {
+        r.register_with_unit("system_memory_usage", "Host memory by state.", Unit::Bytes, self.usage.clone());
+        r.register_with_unit("system_memory_limit", "Total host memory.", Unit::Bytes, self.limit.clone());
+    }
+
+    pub fn publish(&self, mem: Option<&MemorySample>) {
+        if let Some(mem) = mem {
+            for (state, v) in [("used", mem.used), ("free", mem.free), ("cached", mem.cached), ("buffers", mem.buffers)] {
+                self.usage.get_or_create(&MemoryStateLabels { state }).set(v as f64);
+            }
+            self.limit.set(mem.total as f64);
+        }
+    }
+}
 
 /// Keeps `/proc/meminfo` open: each sample is one read (see `procfile`).
 #[derive(Default)]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::metrics::{CpuLabels, MemoryStateLabels, Metrics, ModeLabels, SourceLabels};
+use crate::metrics::{Metrics, SourceLabels};
 pub use ring::{AvgPeak, GpuWindow, Ring, TreeWindow, Window};
 
 /// The bounded set of sources (the `source` label).
@@ -347,36 +347,10 @@ impl Sampler {
 /// Sets the gauges from a sample. Families of a source that produced nothing are
 /// cleared, so a vanished GPU is absent rather than frozen at its last value.
 pub fn publish(m: &Metrics, s: &Sample) {
-    if let Some(cpu) = &s.cpu {
-        for (i, v) in cpu.per_cpu.iter().enumerate() {
-            m.system_cpu_utilization.get_or_create(&CpuLabels { cpu: i.to_string() }).set(*v);
-        }
-    }
-    if let Some(mem) = &s.memory {
-        for (state, v) in [("used", mem.used), ("free", mem.free), ("cached", mem.cached), ("buffers", mem.buffers)] {
-            m.system_memory_usage.get_or_create(&MemoryStateLabels { state }).set(v as f64);
-        }
-        m.system_memory_limit.set(mem.total as f64);
-    }
+    m.cpu.publish(s.cpu.as_ref());
+    m.memory.publish(s.memory.as_ref());
     m.gpu.publish(s.gpus.as_deref());
-    // Pipeline gauges: summed per mode; both modes always present (0 when idle).
-    for mode in crate::mode::Mode::ALL.map(crate::mode::Mode::as_str) {
-        let trees = s.trees.iter().filter(|t| t.mode == mode);
-        let (cpu, rss, gpu) = trees.fold((0.0, 0u64, None::<u64>), |(c, r, g), t| {
-            (c + t.cpu_ratio, r + t.rss_bytes, match (g, t.gpu_memory_bytes) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
-            })
-        });
-        let l = ModeLabels { mode };
-        m.pipeline_cpu_utilization.get_or_create(&l).set(cpu);
-        m.pipeline_memory_rss.get_or_create(&l).set(rss as f64);
-        if s.gpus.is_some() {
-            m.pipeline_gpu_memory.get_or_create(&l).set(gpu.unwrap_or(0) as f64);
-        } else {
-            m.pipeline_gpu_memory.remove(&l);
-        }
-    }
+    m.pipeline.publish(&s.trees, s.gpus.is_some());
     if let Some(p) = &s.sidecar {
         m.set_self_process(p.clone());
     }

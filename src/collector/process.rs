@@ -9,6 +9,9 @@
 //! The `/proc/PID/stat` (and single-threaded members' `children`) descriptors are kept
 //! open across samples and re-read (see `procfile`): a sample costs reads, not path walks.
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::{Registry, Unit};
+
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -19,6 +22,47 @@ use procfs::{CurrentSI, KernelStats};
 use super::procfile::ProcFile;
 use super::{Sample, Source, SourceError, SourceName, TreeRegistration, TreeSample};
 use crate::metrics::SelfProcess;
+
+use crate::metrics::{FGauge, ModeLabels};
+use crate::mode::Mode;
+
+/// The pipeline's process trees, summed per mode (`musetalk_pipeline_*`), registered and
+/// published here.
+#[derive(Debug, Default)]
+pub struct PipelineFamilies {
+    cpu: Family<ModeLabels, FGauge>,
+    rss: Family<ModeLabels, FGauge>,
+    gpu_memory: Family<ModeLabels, FGauge>,
+}
+
+impl PipelineFamilies {
+    pub fn register(&self, r: &mut Registry) {
+        r.register_with_unit("musetalk_pipeline_cpu_utilization", "CPU share (of all logical CPUs) used by the pipeline's process trees.", Unit::Other("ratio".into()), self.cpu.clone());
+        r.register_with_unit("musetalk_pipeline_memory_rss", "Resident memory of the pipeline's process trees.", Unit::Bytes, self.rss.clone());
+        r.register_with_unit("musetalk_pipeline_gpu_memory", "GPU memory used by the pipeline's process trees.", Unit::Bytes, self.gpu_memory.clone());
+    }
+
+    /// Both modes always present (0 when idle); GPU memory only while a GPU is sampled
+    /// (absent, not 0, without one).
+    pub fn publish(&self, trees: &[super::TreeSample], gpu_sampled: bool) {
+        for mode in Mode::ALL.map(Mode::as_str) {
+            let (cpu, rss, gpu) = trees.iter().filter(|t| t.mode == mode).fold((0.0, 0u64, None::<u64>), |(c, r, g), t| {
+                (c + t.cpu_ratio, r + t.rss_bytes, match (g, t.gpu_memory_bytes) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                })
+            });
+            let l = ModeLabels { mode };
+            self.cpu.get_or_create(&l).set(cpu);
+            self.rss.get_or_create(&l).set(rss as f64);
+            if gpu_sampled {
+                self.gpu_memory.get_or_create(&l).set(gpu.unwrap_or(0) as f64);
+            } else {
+                self.gpu_memory.remove(&l);
+            }
+        }
+    }
+}
 
 pub struct ProcessSource {
     me: Option<Process>,
