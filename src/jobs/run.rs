@@ -488,6 +488,9 @@ async fn execute(
 
 /// Builds the report, sets the final state, records the job metrics. Runs for every
 /// job, whatever happened, as `response_preparation`.
+/// `response_preparation`, for every job whatever happened: the report, the job span's
+/// attributes, the job metrics, then the final state (in that order: a client woken by
+/// the state finds the report and the metrics already there).
 fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
     let scope = StepScope::open(job, Step::ResponsePreparation);
     let (state, error) = match &result {
@@ -506,13 +509,36 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
         resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
     }
     let _ = scope.close(m, job, &mut rec, Ok(()));
-    let total = job.created_at.elapsed().as_secs_f64();
-    let processing = total - rec.queue_seconds;
+    let report = build_report(m, job, inputs, &rec, state, error, resources);
     // Retry-After learns from jobs that ran to the end: a cancelled or failed job's
     // seconds say nothing of how long the next one takes, nor does an avatar's preparation.
     if result.is_ok() && has_output {
-        m.observe_processing(job.mode, processing);
+        m.observe_processing(job.mode, report.total_seconds - report.queue_seconds);
     }
+    record_job_span(job, inputs, &report);
+    record_job_metrics(m, job, state, &report);
+    match &report.error {
+        None => tracing::info!(parent: &job.span(), job_id = %job.id, seconds = report.total_seconds, "job succeeded"),
+        Some(e) => tracing::warn!(parent: &job.span(), job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
+    }
+    let steps_now = report.steps.clone();
+    let err_text = report.error.as_ref().map(|e| format!("{}: {}", e.step, e.message));
+    *job.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+    *job.finished_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    job.update(|s| {
+        s.state = state;
+        s.steps = steps_now;
+        s.stage = None;
+        s.error = err_text.clone();
+    });
+    job.emit(JobEvent::Done { state, error: err_text });
+    job.close_span();
+}
+
+/// The per-request report, from what the runner recorded.
+fn build_report(m: &JobManager, job: &Job, inputs: &Inputs, rec: &Record, state: JobState, error: Option<ErrorInfo>, resources: crate::collector::Window) -> Report {
+    let total = job.created_at.elapsed().as_secs_f64();
+    let processing = total - rec.queue_seconds;
     let steps = report::timings(&rec.steps, total);
     // Stage shares are of the step that ran them (subprocess_execution, inference, avatar_preparation).
     let exec_secs = rec.exec_window.map(|(a, b)| b.duration_since(a).as_secs_f64()).unwrap_or(0.0);
@@ -520,14 +546,14 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
     let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
-    let report = Report {
+    Report {
         job_id: job.id.clone(),
         trace_id: job.trace_id.clone(),
         trace_url: m.config.trace_ui_url.as_ref().map(|u| u.replace("{trace_id}", &job.trace_id)),
         mode: job.mode.as_str().into(),
         backend: job.backend.into(),
         outcome: state.as_str().into(),
-        error: error.clone(),
+        error,
         created_at: humantime::format_rfc3339_millis(job.created).to_string(),
         total_seconds: total,
         queue_seconds: rec.queue_seconds,
@@ -553,24 +579,26 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
             realtime_factor: rtf,
         },
         resources,
-    };
+    }
+}
 
-    // Job span attributes: outcome, media, and the resource window.
+/// The job span's attributes: outcome, media, and the resource window (average and peak).
+fn record_job_span(job: &Job, inputs: &Inputs, report: &Report) {
     let js = &job.span();
-    js.record("musetalk.outcome", state.as_str());
-    if let Some(e) = &error {
+    js.record("musetalk.outcome", report.outcome.as_str());
+    if let Some(e) = &report.error {
         telemetry::set_error(js, format!("{}: {}", e.step, e.message));
     }
     if let Some(a) = &inputs.avatar_id {
         js.set_attribute("musetalk.avatar.id", a.clone());
     }
-    if let Some(f) = inputs.video_info.frames {
+    if let Some(f) = report.media.input_frames {
         js.set_attribute("musetalk.frames", f as i64);
     }
-    if let Some(o) = rec.output_seconds {
+    if let Some(o) = report.media.output_seconds {
         js.set_attribute("musetalk.output.seconds", o);
     }
-    if let Some(r) = rtf {
+    if let Some(r) = report.media.realtime_factor {
         js.set_attribute("musetalk.realtime_factor", r);
     }
     let r = &report.resources;
@@ -587,38 +615,25 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
     set_ap("musetalk.resources.pipeline.gpu_memory", r.tree.as_ref().and_then(|t| t.gpu_memory));
     set_ap("musetalk.resources.gpu.utilization", r.gpus.first().and_then(|g| g.utilization));
     set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
+}
 
-    // Metrics.
-    let labels = JobLabels { mode: job.mode.as_str(), backend: job.backend, outcome: state.as_str() };
+/// A finished job's metrics: the outcome counter, the job histogram with its exemplar,
+/// sizes, ratio, realtime factor.
+fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Report) {
+    let mode = job.mode.as_str();
+    let labels = JobLabels { mode, backend: job.backend, outcome: state.as_str() };
     m.metrics.jobs.get_or_create(&labels).inc();
-    Metrics::observe_traced(&m.metrics.job_duration, &labels, total, &job.trace_id);
-    let ml = ModeLabels { mode: job.mode.as_str() };
-    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode.as_str(), kind: "video" }).observe(inputs.video_info.size_bytes as f64);
-    m.metrics.input_size.get_or_create(&InputLabels { mode: job.mode.as_str(), kind: "audio" }).observe(inputs.audio_info.size_bytes as f64);
-    if let Some(o) = rec.output_bytes {
+    Metrics::observe_traced(&m.metrics.job_duration, &labels, report.total_seconds, &job.trace_id);
+    let ml = ModeLabels { mode };
+    m.metrics.input_size.get_or_create(&InputLabels { mode, kind: "video" }).observe(report.files.video_bytes as f64);
+    m.metrics.input_size.get_or_create(&InputLabels { mode, kind: "audio" }).observe(report.files.audio_bytes as f64);
+    if let Some(o) = report.files.output_bytes {
         m.metrics.output_size.get_or_create(&ml).observe(o as f64);
     }
-    if let Some(r) = ratio {
+    if let Some(r) = report.files.output_input_ratio {
         m.metrics.output_input_ratio.get_or_create(&ml).observe(r);
     }
-    if let Some(r) = rtf {
+    if let Some(r) = report.media.realtime_factor {
         m.metrics.realtime_factor.get_or_create(&ml).observe(r);
     }
-    match &error {
-        None => tracing::info!(parent: &job.span(), job_id = %job.id, seconds = total, "job succeeded"),
-        Some(e) => tracing::warn!(parent: &job.span(), job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
-    }
-
-    let steps_now = report.steps.clone();
-    *job.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
-    *job.finished_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    let err_text = error.as_ref().map(|e| format!("{}: {}", e.step, e.message));
-    job.update(|s| {
-        s.state = state;
-        s.steps = steps_now;
-        s.stage = None;
-        s.error = err_text.clone();
-    });
-    job.emit(JobEvent::Done { state, error: err_text });
-    job.close_span();
 }
