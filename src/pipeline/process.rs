@@ -92,11 +92,7 @@ impl ProcessOutcome {
 
     /// `exit code 1`, `signal 9`, …
     pub fn status_text(&self) -> String {
-        match (self.code, self.signal) {
-            (Some(c), _) => format!("exit code {c}"),
-            (None, Some(s)) => format!("signal {s}"),
-            _ => "unknown status".into(),
-        }
+        status_text(self.code, self.signal)
     }
 
     /// The last stderr lines (stdout if stderr is empty), for error details. ffmpeg's
@@ -112,6 +108,31 @@ impl ProcessOutcome {
     }
 }
 
+/// The one spawn builder, for pipelines and realtime workers alike: its own process group
+/// (so the whole tree can be signalled), a clean environment ([`inherited_env`], then
+/// `PYTHONUNBUFFERED=1`, then `env` in order), stdout and stderr piped, killed if dropped.
+pub fn command(program: &str, args: &[String], cwd: &std::path::Path, stdin: Stdio, env: impl IntoIterator<Item = (String, String)>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(cwd).env_clear().stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    for (k, v) in inherited_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("PYTHONUNBUFFERED", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// `exit code 1`, `signal 9`, …: how a process ended, in the words every error uses.
+pub fn status_text(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
 /// The pid and process group of a started child, reported before it runs to completion
 /// so the caller can register the tree with the collector.
 pub type OnSpawn<'a> = &'a mut (dyn FnMut(u32) + Send);
@@ -120,25 +141,8 @@ pub type OnLine<'a> = &'a mut (dyn FnMut(Stream, &str, Instant) + Send);
 /// Runs `inv` to completion, timeout or cancellation. Every exit path leaves no process
 /// of the group behind (orphaned grandchildren included).
 pub async fn run(inv: &Invocation, opts: &RunOptions, on_spawn: OnSpawn<'_>, on_line: OnLine<'_>) -> Result<ProcessOutcome, PipelineError> {
-    let mut cmd = Command::new(&inv.program);
-    cmd.args(&inv.args)
-        .current_dir(&inv.cwd)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    for (k, v) in inherited_env() {
-        cmd.env(k, v);
-    }
-    cmd.env("PYTHONUNBUFFERED", "1");
-    if let Some(tp) = &opts.traceparent {
-        cmd.env("TRACEPARENT", tp);
-    }
-    for (k, v) in &inv.env {
-        cmd.env(k, v);
-    }
+    let traceparent = opts.traceparent.iter().map(|tp| ("TRACEPARENT".to_string(), tp.clone()));
+    let mut cmd = command(&inv.program, &inv.args, &inv.cwd, Stdio::null(), traceparent.chain(inv.env.iter().cloned()));
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|source| PipelineError::Spawn { program: inv.program.clone(), source })?;
     let pid = child.id().unwrap_or(0);

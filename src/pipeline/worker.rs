@@ -17,7 +17,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, ChildStdin};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -310,15 +310,7 @@ impl WorkerPool {
     /// One life of a worker. Returns whether it reached `ready`.
     async fn run_once(&self, i: usize, worker: &Arc<Worker>) -> bool {
         let spec = &worker.spec;
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args).current_dir(&spec.cwd).env_clear().stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
-        for (k, v) in super::process::inherited_env() {
-            cmd.env(k, v);
-        }
-        cmd.env("PYTHONUNBUFFERED", "1");
-        for (k, v) in &spec.env {
-            cmd.env(k, v);
-        }
+        let mut cmd = super::process::command(&spec.program, &spec.args, &spec.cwd, Stdio::piped(), spec.env.iter().cloned());
         let mut child: Child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -397,14 +389,7 @@ impl WorkerPool {
             let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
         use std::os::unix::process::ExitStatusExt;
-        let status_text = match status {
-            Some(s) => match (s.code(), s.signal()) {
-                (Some(c), _) => format!("exit code {c}"),
-                (None, Some(sig)) => format!("signal {sig}"),
-                _ => "unknown status".into(),
-            },
-            None => "unknown status".into(),
-        };
+        let status_text = super::process::status_text(status.and_then(|s| s.code()), status.and_then(|s| s.signal()));
         let tail: Vec<String> = worker.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).iter().rev().take(5).rev().cloned().collect();
         worker.deliver(Delivery::Exited { status: status_text.clone(), stderr_tail: tail.join(" | ") });
         if !self.stop.is_cancelled() {
