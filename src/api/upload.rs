@@ -184,11 +184,8 @@ pub async fn accept<'a>(st: &'a AppState, mode: crate::mode::Mode, mut multipart
         }
         Err(e) => {
             telemetry::set_error(&span, e.detail.clone());
-            telemetry::set_error(&job.span(), e.detail.clone());
-            job.span().record("musetalk.outcome", "rejected");
             drop(span);
-            st.jobs.discard(&job);
-            Err(e)
+            Err(refuse(st, &job, e))
         }
     }
 }

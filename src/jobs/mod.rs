@@ -264,8 +264,8 @@ impl Job {
         tracing::info_span!(
             parent: &self.span(),
             "step",
-            otel.name = "file_processing",
-            musetalk.step = "file_processing",
+            otel.name = Step::FileProcessing.as_str(),
+            musetalk.step = Step::FileProcessing.as_str(),
             musetalk.input.video.bytes = tracing::field::Empty,
             musetalk.input.audio.bytes = tracing::field::Empty,
             musetalk.input.video.seconds = tracing::field::Empty,
