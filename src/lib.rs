@@ -5,6 +5,7 @@
 //! own thread and knows nothing of jobs; `metrics` defines every metric family.
 
 pub mod api;
+pub mod http;
 pub mod cli;
 pub mod collector;
 pub mod config;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::http::AppState;
 use crate::collector::Collector;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -58,8 +59,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let _lock = instance::DataDirLock::acquire(&config.data_dir)?;
     std::fs::create_dir_all(config.jobs_dir()).map_err(|source| RunError::DataDir { path: config.data_dir.clone(), source })?;
     let auth = match &config.auth_token_file {
-        Some(path) => api::auth::Tokens::load(path).map_err(RunError::Auth)?,
-        None => api::auth::Tokens::default(),
+        Some(path) => http::auth::Tokens::load(path).map_err(RunError::Auth)?,
+        None => http::auth::Tokens::default(),
     };
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
@@ -71,12 +72,12 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         tracing::warn!(groups = orphans, "killed pipeline processes left by an earlier run");
     }
     let state = build_state(config.clone(), metrics, collector.handle(), auth, telemetry.exporting());
-    let (jobs, backend, realtime) = (state.jobs.clone(), state.jobs.backend.clone(), state.jobs.realtime.clone());
+    let (jobs, backend, realtime) = (state.jobs.clone(), state.jobs.backend().clone(), state.jobs.realtime().clone());
     let stale = jobs.clean_stale_dirs();
     if stale > 0 {
         tracing::info!(dirs = stale, "removed job directories left by an earlier run");
     }
-    let restored = jobs.avatars.restore(&config.avatars_dir());
+    let restored = jobs.avatars().restore(&config.avatars_dir());
     if restored != jobs::avatars::Restored::default() {
         tracing::info!(ready = restored.ready, failed = restored.failed, removed = restored.removed, "restored the avatars of an earlier run");
     }
@@ -88,7 +89,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let mut servers = tokio::task::JoinSet::new();
     let graceful = shutdown.clone();
     servers.spawn(
-        axum::serve(listener, api::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        axum::serve(listener, http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move { graceful.cancelled().await })
             .into_future(),
     );
@@ -98,7 +99,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         admin_local = Some(admin.local_addr().map_err(RunError::Serve)?);
         let graceful = shutdown.clone();
         servers.spawn(
-            axum::serve(admin, api::admin_router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
+            axum::serve(admin, http::admin_router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
                 .into_future(),
         );
@@ -141,9 +142,9 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
 
 /// What the HTTP layer serves from, built from the config in this one place: the
 /// backend, the realtime engine and the job manager, sharing one run budget. `run()`
-/// serves it; in-process tests and the fuzz harness drive `api::app` with it. Must be
+/// serves it; in-process tests and the fuzz harness drive `http::app` with it. Must be
 /// called inside a tokio runtime (worker pools spawn their supervisors).
-pub fn build_state(config: Arc<Config>, metrics: Arc<Metrics>, collector: collector::CollectorHandle, auth: api::auth::Tokens, exporting: bool) -> AppState {
+pub fn build_state(config: Arc<Config>, metrics: Arc<Metrics>, collector: collector::CollectorHandle, auth: http::auth::Tokens, exporting: bool) -> AppState {
     let backend = pipeline::build(&config);
     // One budget for every pipeline run on this host: simple jobs, and realtime jobs of
     // the preview engine (a worker engine's workers are their own budget, one job each).
@@ -179,7 +180,7 @@ async fn watch_signals(token: CancellationToken) {
 
 /// Probes the backend now and, while it is not usable, every 10 s (so installing
 /// ffmpeg or mounting the models turns /readyz green without a restart).
-async fn probe_backend(backend: Arc<dyn pipeline::Backend>, status: api::BackendStatus, stop: CancellationToken) {
+async fn probe_backend(backend: Arc<dyn pipeline::Backend>, status: http::BackendStatus, stop: CancellationToken) {
     loop {
         let r = backend.probe().await;
         let ok = r.is_ok();

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
 use http_body_util::BodyExt;
-use musetalk_sidecar::api::{self, AppState};
+use musetalk_sidecar::http::{self, AppState};
 use musetalk_sidecar::collector::Sampler;
 use musetalk_sidecar::jobs::avatars::AvatarState;
 use musetalk_sidecar::metrics::Metrics;
@@ -163,9 +163,9 @@ impl Harness {
                 config.sample_interval,
             );
             let collector = sampler.handle();
-            let state = musetalk_sidecar::build_state(config, metrics, collector, api::auth::Tokens::default(), false);
+            let state = musetalk_sidecar::build_state(config, metrics, collector, http::auth::Tokens::default(), false);
             *state.backend_status.write().unwrap() = Ok("preview (fuzz harness)".into());
-            (api::app(state.clone()), state)
+            (http::app(state.clone()), state)
         };
         let mut h = Harness {
             rt,
@@ -201,7 +201,7 @@ impl Harness {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            match self.state.jobs.avatars.get(SPEAK_AVATAR).map(|a| a.state()) {
+            match self.state.jobs.avatars().get(SPEAK_AVATAR).map(|a| a.state()) {
                 Ok(AvatarState::Ready) => return true,
                 Ok(AvatarState::Preparing) => self
                     .rt
@@ -319,10 +319,10 @@ impl Harness {
     /// Bounds what accumulates: finished jobs past `--max-retained-jobs`, extra avatars.
     fn tidy(&self) {
         self.state.jobs.sweep();
-        let avatars = self.state.jobs.avatars.list();
+        let avatars = self.state.jobs.avatars().list();
         if avatars.len() > MAX_AVATARS {
             for a in avatars.iter().filter(|a| a.avatar_id != SPEAK_AVATAR) {
-                let _ = self.state.jobs.avatars.remove(&a.avatar_id);
+                let _ = self.state.jobs.avatars().remove(&a.avatar_id);
             }
         }
     }

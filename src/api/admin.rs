@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::AppState;
+use crate::http::{AppState, Readiness};
 
 /// Prometheus metrics.
 ///
@@ -47,21 +47,6 @@ pub struct Health {
 )]
 pub async fn healthz() -> impl IntoResponse {
     axum::Json(Health { status: "ok" })
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct Readiness {
-    pub ready: bool,
-    /// Each condition and whether it holds.
-    pub checks: Vec<ReadinessCheck>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ReadinessCheck {
-    /// `collector`, `backend`, `realtime_workers` (realtime workers only) or `accepting`.
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
 }
 
 /// Whether the service takes work.

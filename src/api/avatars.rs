@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::jobs::{JobErrorBody, JobFailure, JobResponse, respond};
 use super::upload::{self, Media, UPLOAD_400};
-use super::{ApiError, AppState, storage_error};
+use crate::http::{ApiError, AppState, storage_error};
 use crate::jobs::avatars::{AvatarError, AvatarInfo};
 use crate::jobs::{Mode, Work};
 
@@ -60,10 +60,10 @@ pub struct AvatarPrepared {
 }
 
 fn realtime_enabled(st: &AppState) -> Result<(), ApiError> {
-    if st.jobs.realtime.enabled() {
+    if st.jobs.realtime().enabled() {
         return Ok(());
     }
-    let why = st.jobs.realtime.readiness().err().unwrap_or_default();
+    let why = st.jobs.realtime().readiness().err().unwrap_or_default();
     Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "realtime_unavailable", why))
 }
 
@@ -80,15 +80,15 @@ fn realtime_enabled(st: &AppState) -> Result<(), ApiError> {
     responses(
         (status = 202, description = "Preparation started; follow `Location`", body = AvatarPrepared,
             headers(("Location" = String, description = "`/v1/jobs/{id}` of the preparation job"))),
-        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
-        (status = 408, description = "`upload_timeout`", body = super::ErrorBody),
-        (status = 409, description = "`avatar_exists`: DELETE it first", body = super::ErrorBody),
-        (status = 413, description = "`file_too_large`", body = super::ErrorBody),
-        (status = 415, description = "`not_multipart`", body = super::ErrorBody),
-        (status = 429, description = "`queue_full`", body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
-        (status = 500, description = "`internal`", body = super::ErrorBody),
-        (status = 503, description = "`realtime_unavailable` (no realtime engine) or `shutting_down`", body = super::ErrorBody),
-        (status = 507, description = "`insufficient_storage`", body = super::ErrorBody),
+        (status = 400, description = UPLOAD_400, body = crate::http::ErrorBody),
+        (status = 408, description = "`upload_timeout`", body = crate::http::ErrorBody),
+        (status = 409, description = "`avatar_exists`: DELETE it first", body = crate::http::ErrorBody),
+        (status = 413, description = "`file_too_large`", body = crate::http::ErrorBody),
+        (status = 415, description = "`not_multipart`", body = crate::http::ErrorBody),
+        (status = 429, description = "`queue_full`", body = crate::http::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 500, description = "`internal`", body = crate::http::ErrorBody),
+        (status = 503, description = "`realtime_unavailable` (no realtime engine) or `shutting_down`", body = crate::http::ErrorBody),
+        (status = 507, description = "`insufficient_storage`", body = crate::http::ErrorBody),
     )
 )]
 pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
@@ -108,7 +108,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
         return Err(upload::refuse(&st, &a.job, storage_error(e, "storing the avatar video")));
     }
     let bbox = a.form.int("bbox_shift").map(|n| n as i32);
-    let avatar = st.jobs.avatars.insert(reservation, paths, info, bbox, a.job.id.clone());
+    let avatar = st.jobs.avatars().insert(reservation, paths, info, bbox, a.job.id.clone());
     st.jobs.start(a.job.clone(), a.admission, Work::Prepare { avatar: avatar.clone() }, a.receive_seconds);
     let body = AvatarPrepared { avatar: avatar.info(), job_id: a.job.id.clone(), trace_id: a.job.trace_id.clone() };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", a.job.id))], Json(body)).into_response())
@@ -122,7 +122,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     responses((status = 200, description = "Every avatar and its state", body = Vec<AvatarInfo>))
 )]
 pub async fn list(State(st): State<AppState>) -> Json<Vec<AvatarInfo>> {
-    Json(st.jobs.avatars.list())
+    Json(st.jobs.avatars().list())
 }
 
 /// One avatar and its state.
@@ -133,11 +133,11 @@ pub async fn list(State(st): State<AppState>) -> Json<Vec<AvatarInfo>> {
     params(("id" = String, Path, description = "The avatar id")),
     responses(
         (status = 200, description = "The avatar", body = AvatarInfo),
-        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
+        (status = 404, description = "`avatar_not_found`", body = crate::http::ErrorBody),
     )
 )]
 pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<AvatarInfo>, ApiError> {
-    Ok(Json(st.jobs.avatars.get(&id)?.info()))
+    Ok(Json(st.jobs.avatars().get(&id)?.info()))
 }
 
 /// Removes an avatar and its files; refused while it is being prepared or while speaks
@@ -149,12 +149,12 @@ pub async fn show(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> R
     params(("id" = String, Path, description = "The avatar id")),
     responses(
         (status = 204, description = "Removed"),
-        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
-        (status = 409, description = "`avatar_preparing`: wait until it is `ready` or `failed`; `avatar_busy`: speaks are queued or running for it, DELETE once they finish", body = super::ErrorBody),
+        (status = 404, description = "`avatar_not_found`", body = crate::http::ErrorBody),
+        (status = 409, description = "`avatar_preparing`: wait until it is `ready` or `failed`; `avatar_busy`: speaks are queued or running for it, DELETE once they finish", body = crate::http::ErrorBody),
     )
 )]
 pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
-    st.jobs.avatars.remove(&id)?;
+    st.jobs.avatars().remove(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -176,17 +176,17 @@ pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
         (status = 200, description = "The job succeeded", body = JobResponse),
         (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
             headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
-        (status = 400, description = UPLOAD_400, body = super::ErrorBody),
-        (status = 404, description = "`avatar_not_found`", body = super::ErrorBody),
-        (status = 408, description = "`upload_timeout`", body = super::ErrorBody),
+        (status = 400, description = UPLOAD_400, body = crate::http::ErrorBody),
+        (status = 404, description = "`avatar_not_found`", body = crate::http::ErrorBody),
+        (status = 408, description = "`upload_timeout`", body = crate::http::ErrorBody),
         (status = 409, description = "`avatar_preparing`, `avatar_failed` (an `ErrorBody`), or `job_cancelled` (a `JobFailure`)", body = JobErrorBody),
-        (status = 413, description = "`file_too_large`", body = super::ErrorBody),
-        (status = 415, description = "`not_multipart`", body = super::ErrorBody),
-        (status = 429, description = "`queue_full`", body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 413, description = "`file_too_large`", body = crate::http::ErrorBody),
+        (status = 415, description = "`not_multipart`", body = crate::http::ErrorBody),
+        (status = 429, description = "`queue_full`", body = crate::http::ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
         (status = 500, description = "`job_failed` (a `JobFailure`) or `internal`", body = JobErrorBody),
-        (status = 503, description = "`realtime_unavailable` or `shutting_down`", body = super::ErrorBody),
+        (status = 503, description = "`realtime_unavailable` or `shutting_down`", body = crate::http::ErrorBody),
         (status = 504, description = "`job_timed_out`", body = JobFailure),
-        (status = 507, description = "`insufficient_storage`", body = super::ErrorBody),
+        (status = 507, description = "`insufficient_storage`", body = crate::http::ErrorBody),
     )
 )]
 pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
@@ -194,7 +194,7 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
     let multipart = form.multipart(multipart)?;
     realtime_enabled(&st)?;
     // Leased before the upload is read: the avatar cannot be deleted under this speak.
-    let avatar = st.jobs.avatars.ready(&id)?;
+    let avatar = st.jobs.avatars().ready(&id)?;
     let a = upload::accept(&st, Mode::Realtime, multipart, form).await?;
     let Some((audio, audio_info)) = a.form.media(Media::Audio) else {
         return Err(upload::refuse(&st, &a.job, ApiError::internal("the audio part went missing")));

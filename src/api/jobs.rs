@@ -14,8 +14,9 @@ use serde::Serialize;
 use tower::ServiceExt;
 
 use super::upload::{self, Media};
-use super::{ApiError, AppState, storage_error};
-use crate::jobs::{Inputs, Job, JobError, JobEvent, JobState, Mode, Report};
+use crate::pipeline::JobInput;
+use crate::http::{ApiError, AppState, storage_error};
+use crate::jobs::{Job, JobError, JobEvent, JobState, Mode, Report};
 
 
 impl From<JobError> for ApiError {
@@ -61,7 +62,7 @@ impl utoipa::PartialSchema for JobErrorBody {
         use utoipa::ToSchema;
         let any = utoipa::openapi::schema::AnyOfBuilder::new()
             .item(utoipa::openapi::Ref::from_schema_name(JobFailure::name()))
-            .item(utoipa::openapi::Ref::from_schema_name(super::ErrorBody::name()))
+            .item(utoipa::openapi::Ref::from_schema_name(crate::http::ErrorBody::name()))
             .description(Some("`JobFailure` when the job ended unsuccessfully, `ErrorBody` otherwise"));
         utoipa::openapi::RefOr::T(any.into())
     }
@@ -71,7 +72,7 @@ impl utoipa::ToSchema for JobErrorBody {
     fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
         use utoipa::PartialSchema;
         schemas.push((JobFailure::name().into(), JobFailure::schema()));
-        schemas.push((super::ErrorBody::name().into(), super::ErrorBody::schema()));
+        schemas.push((crate::http::ErrorBody::name().into(), crate::http::ErrorBody::schema()));
         <JobFailure as utoipa::ToSchema>::schemas(schemas);
     }
 }
@@ -150,18 +151,18 @@ pub(super) fn finished_response(job: &Job) -> Response {
         (status = 200, description = "The job succeeded", body = JobResponse),
         (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
             headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
-        (status = 400, description = upload::UPLOAD_400, body = super::ErrorBody),
-        (status = 408, description = "`upload_timeout`: the parts did not arrive within `--upload-timeout`", body = super::ErrorBody),
+        (status = 400, description = upload::UPLOAD_400, body = crate::http::ErrorBody),
+        (status = 408, description = "`upload_timeout`: the parts did not arrive within `--upload-timeout`", body = crate::http::ErrorBody),
         (status = 409, description = "`job_cancelled`: the job was cancelled while the client waited", body = JobFailure),
-        (status = 413, description = "`file_too_large`: a part exceeds `--max-upload-bytes`", body = super::ErrorBody),
-        (status = 415, description = "`not_multipart`: the body is not multipart/form-data", body = super::ErrorBody),
-        (status = 429, description = "`queue_full`: the admission queue is full; retry after `Retry-After` seconds", body = super::ErrorBody,
+        (status = 413, description = "`file_too_large`: a part exceeds `--max-upload-bytes`", body = crate::http::ErrorBody),
+        (status = 415, description = "`not_multipart`: the body is not multipart/form-data", body = crate::http::ErrorBody),
+        (status = 429, description = "`queue_full`: the admission queue is full; retry after `Retry-After` seconds", body = crate::http::ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
         (status = 500, description = "`job_failed` (a `JobFailure`: the pipeline failed) or `internal`", body = JobErrorBody),
-        (status = 503, description = "`shutting_down`: the service is draining", body = super::ErrorBody,
+        (status = 503, description = "`shutting_down`: the service is draining", body = crate::http::ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
         (status = 504, description = "`job_timed_out`: the job ran past `--job-timeout`", body = JobFailure),
-        (status = 507, description = "`insufficient_storage`: the data dir is full", body = super::ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the data dir is full", body = crate::http::ErrorBody),
     )
 )]
 pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
@@ -170,7 +171,9 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
     let a = upload::accept(&st, Mode::Simple, multipart, form).await?;
     let (video, video_info) = a.form.media(Media::Video).ok_or_else(|| ApiError::internal("the video part went missing"))?;
     let (audio, audio_info) = a.form.media(Media::Audio).ok_or_else(|| ApiError::internal("the audio part went missing"))?;
-    let inputs = Inputs {
+    let inputs = JobInput {
+        job_id: a.job.id.clone(),
+        dir: a.job.dir.clone(),
         video,
         audio,
         video_info,
@@ -222,7 +225,7 @@ pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::JobStatus
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job's status", body = crate::jobs::JobStatus),
-        (status = 404, description = "`job_not_found`: unknown job, or no longer kept (`--job-retention`)", body = super::ErrorBody),
+        (status = 404, description = "`job_not_found`: unknown job, or no longer kept (`--job-retention`)", body = crate::http::ErrorBody),
     )
 )]
 pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
@@ -243,8 +246,8 @@ pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
             (Report = "application/json"),
             (String = "text/plain"),
         )),
-        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
-        (status = 409, description = "`job_not_finished`: the report is ready when the job ends", body = super::ErrorBody),
+        (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 409, description = "`job_not_finished`: the report is ready when the job ends", body = crate::http::ErrorBody),
     )
 )]
 pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -272,9 +275,9 @@ pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, he
         (status = 206, description = "The requested range of the mp4", body = Mp4, content_type = "video/mp4",
             headers(("Content-Range" = String, description = "`bytes START-END/TOTAL`"), ("Content-Length" = u64))),
         (status = 304, description = "Not modified (`If-Modified-Since`)"),
-        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
-        (status = 409, description = "`no_output`: the job has not succeeded (yet)", body = super::ErrorBody),
-        (status = 410, description = "`output_gone`: the output file was removed", body = super::ErrorBody),
+        (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 409, description = "`no_output`: the job has not succeeded (yet)", body = crate::http::ErrorBody),
+        (status = 410, description = "`output_gone`: the output file was removed", body = crate::http::ErrorBody),
         (status = 416, description = "The range is not satisfiable (empty body, `Content-Range: bytes */TOTAL`)",
             headers(("Content-Range" = String))),
     )
@@ -304,8 +307,8 @@ fn mime_mp4() -> mime::Mime {
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job was cancelled", body = CancelResponse),
-        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
-        (status = 409, description = "`job_finished`: the job had already ended", body = super::ErrorBody),
+        (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 409, description = "`job_finished`: the job had already ended", body = crate::http::ErrorBody),
     )
 )]
 pub async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
@@ -329,7 +332,7 @@ pub async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "`text/event-stream`: `event: status` with a `JobStatus` as data, then events whose data is a `JobEvent` (`type` = event name), ending with `done`", body = String, content_type = "text/event-stream"),
-        (status = 404, description = "`job_not_found`", body = super::ErrorBody),
+        (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
     )
 )]
 pub async fn events(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {

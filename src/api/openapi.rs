@@ -9,7 +9,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, RefOr, ResponseBuilder, header::HeaderBuilder};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use super::{ErrorBody, admin, avatars, jobs};
+use super::{admin, avatars, jobs};
+use crate::http::ErrorBody;
 
 /// Name of the bearer security scheme.
 pub const BEARER: &str = "bearer";
@@ -45,7 +46,7 @@ and `--admin-listen` moves `/metrics`, `/healthz` and `/readyz` to a separate li
         admin::readyz,
         openapi_json,
     ),
-    components(schemas(ErrorBody, crate::jobs::JobEvent, crate::jobs::JobStatus)),
+    components(schemas(ErrorBody, crate::http::Check, crate::jobs::JobEvent, crate::jobs::JobStatus)),
     modifiers(&CommonResponses),
     tags(
         (name = "jobs", description = "Simple mode: one pipeline run per request, and every job's status, report, output and events"),

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
-use super::{ApiError, AppState};
+use crate::http::{ApiError, AppState};
 use crate::jobs::avatars::Reservation;
 use crate::jobs::{Admission, Job};
 use crate::pipeline::MediaInfo;
@@ -227,7 +227,7 @@ async fn read<'a>(st: &'a AppState, job: &Job, multipart: &mut Multipart, form: 
                 let v = text(field).await?;
                 valid_avatar_id(&v)?;
                 if reserve {
-                    r.reservation = Some(st.jobs.avatars.reserve(&v)?);
+                    r.reservation = Some(st.jobs.avatars().reserve(&v)?);
                 }
                 r.texts.push((part.name, v));
             }
@@ -260,7 +260,7 @@ async fn save(st: &AppState, job: &Job, mut field: Field<'_>, m: Media) -> Resul
         .filter(|e| m.extensions().contains(&e.as_str()))
         .unwrap_or_else(|| m.default_extension().to_string());
     let path = job.dir.join(format!("{kind}_{}.{ext}", job.id));
-    let file = tokio::fs::File::create(&path).await.map_err(|e| super::storage_error(e, "creating the upload file"))?;
+    let file = tokio::fs::File::create(&path).await.map_err(|e| crate::http::storage_error(e, "creating the upload file"))?;
     // tokio::fs runs every write on the blocking pool: batch the small multipart chunks
     // into 1 MiB writes (bounded memory, far fewer thread hops).
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
@@ -271,9 +271,9 @@ async fn save(st: &AppState, job: &Job, mut field: Field<'_>, m: Media) -> Resul
         if written > limit {
             return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "file_too_large", format!("the `{kind}` part exceeds {limit} bytes (--max-upload-bytes)")));
         }
-        file.write_all(&chunk).await.map_err(|e| super::storage_error(e, "writing the upload"))?;
+        file.write_all(&chunk).await.map_err(|e| crate::http::storage_error(e, "writing the upload"))?;
     }
-    file.flush().await.map_err(|e| super::storage_error(e, "writing the upload"))?;
+    file.flush().await.map_err(|e| crate::http::storage_error(e, "writing the upload"))?;
     Ok((path, written))
 }
 
@@ -374,9 +374,9 @@ mod tests {
         std::fs::create_dir_all(config.jobs_dir()).unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let collector = crate::collector::Sampler::new(Vec::new(), metrics.clone(), config.ring_capacity(), config.sample_interval).handle();
-        let state = crate::build_state(config.clone(), metrics, collector, crate::api::auth::Tokens::default(), false);
-        let held = state.jobs.avatars.reserve("held").unwrap();
-        let app = crate::api::app(state.clone());
+        let state = crate::build_state(config.clone(), metrics, collector, crate::http::auth::Tokens::default(), false);
+        let held = state.jobs.avatars().reserve("held").unwrap();
+        let app = crate::http::app(state.clone());
         let video = tiny_video(dir.path());
         let junk = b"this is not media".to_vec();
         let wav = b"RIFF-not-really".to_vec();
@@ -440,7 +440,7 @@ mod tests {
             failures.push(format!("cut-off multipart: {got} {v}"));
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
-        assert!(state.jobs.avatars.reserve("held").is_err(), "a refused prepare leaves the other's reservation alone");
+        assert!(state.jobs.avatars().reserve("held").is_err(), "a refused prepare leaves the other's reservation alone");
         drop(held);
         if video.is_none() {
             eprintln!("ffmpeg not found: the probe cases were skipped");

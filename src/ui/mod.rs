@@ -29,7 +29,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use maud::Markup;
 
-use crate::api::AppState;
+use crate::http::AppState;
 use crate::collector::SourceName;
 use crate::jobs::{Job, JobState};
 use model::{Check, Header, Health, JobView, JobsList, Link, Overview};
@@ -64,7 +64,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/static/{file}", get(static_file))
         .layer(Extension(ui))
         .layer(middleware::from_fn(security_headers))
-        .route_layer(middleware::from_fn_with_state(state.clone(), crate::api::auth::require_bearer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::http::auth::require_bearer))
 }
 
 /// Everything the page loads comes from this origin; nothing is framed or sent elsewhere.
@@ -122,7 +122,7 @@ async fn jobs_partial(State(st): State<AppState>, Extension(ui): Extension<Arc<U
 async fn job_partial(State(st): State<AppState>, Extension(ui): Extension<Arc<UiConfig>>, UrlPath(id): UrlPath<String>) -> Response {
     match st.jobs.get(&id) {
         Some(job) => html(view::job_section(&job_view(&st, &ui, &job, true))),
-        None => crate::api::ApiError::not_found("job_not_found", format!("no job `{id}`")).into_response(),
+        None => crate::http::ApiError::not_found("job_not_found", format!("no job `{id}`")).into_response(),
     }
 }
 
@@ -146,7 +146,7 @@ async fn static_file(UrlPath(file): UrlPath<String>) -> Response {
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
         "style.css" => (STYLE_CSS, "text/css; charset=utf-8"),
         "favicon.svg" => (FAVICON_SVG, "image/svg+xml"),
-        _ => return crate::api::ApiError::not_found("not_found", format!("no static file `{file}`")).into_response(),
+        _ => return crate::http::ApiError::not_found("not_found", format!("no static file `{file}`")).into_response(),
     };
     // Compiled into the binary and versioned in the URL (`?v=`): cacheable for a day.
     ([(header::CONTENT_TYPE, ctype), (header::CACHE_CONTROL, "public, max-age=86400")], body).into_response()
@@ -179,14 +179,8 @@ fn health(st: &AppState, ui: &UiConfig) -> Health {
         .checks
         .iter()
         .map(|c| Check {
-            key: c.name.to_string(),
-            name: match c.name {
-                "collector" => "Resource collector".into(),
-                "backend" => "Backend".into(),
-                "realtime_workers" => "Realtime workers".into(),
-                "accepting" => "Accepting jobs".into(),
-                other => other.replace('_', " "),
-            },
+            key: c.name.as_str().to_string(),
+            name: c.name.label().into(),
             ok: Some(c.ok),
             status: if c.ok { "ok".into() } else { "not ready".into() },
             detail: c.detail.clone(),
@@ -277,8 +271,8 @@ fn health(st: &AppState, ui: &UiConfig) -> Health {
             fix: Some("set --grafana-url (MUSETALK_SIDECAR_GRAFANA_URL) to the overview dashboard's URL, e.g. http://grafana:3000/d/musetalk-overview".to_string()),
         },
     });
-    let rt = &st.jobs.realtime;
-    if !checks.iter().any(|c| c.key == "realtime_workers") {
+    let rt = st.jobs.realtime();
+    if !readiness.checks.iter().any(|c| c.name == crate::http::Check::RealtimeWorkers) {
         let (ok, status, detail) = match (rt.enabled(), rt.readiness()) {
             (false, r) => (None, "off".to_string(), r.err().unwrap_or_else(|| "realtime mode is off".into())),
             (true, Ok(d)) => (Some(true), "ok".to_string(), format!("{} engine: {d}", rt.name())),
