@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use musetalk_sidecar::collector::{Collector, Sampler, cpu::CpuSource, memory::MemorySource, process::ProcessSource};
-use musetalk_sidecar::metrics::{JobLabels, Metrics, StageLabels, StepLabels};
+use musetalk_sidecar::jobs::metrics::{JobLabels, StageLabels, StepLabels};
+use musetalk_sidecar::metrics::Metrics;
 
 /// A process tree of 4: sh → 3 sleeping children, like a pipeline with helpers.
 fn spawn_tree() -> std::process::Child {
@@ -46,14 +47,14 @@ fn populated_metrics() -> Metrics {
     for mode in ["simple", "realtime"] {
         for outcome in ["succeeded", "failed"] {
             let l = JobLabels { mode, backend: "musetalk", outcome };
-            m.jobs.get_or_create(&l).inc();
-            Metrics::observe_traced(&m.job_duration, &l, 12.0, trace);
+            m.job.jobs.get_or_create(&l).inc();
+            Metrics::observe_traced(&m.job.job_duration, &l, 12.0, trace);
         }
         for step in ["file_processing", "queue_wait", "config_creation", "subprocess_execution", "output_discovery", "response_preparation"] {
-            Metrics::observe_traced(&m.step_duration, &StepLabels { mode, step }, 1.0, trace);
+            Metrics::observe_traced(&m.job.step_duration, &StepLabels { mode, step }, 1.0, trace);
         }
         for stage in ["model_loading", "face_detection", "unet_inference", "blending"] {
-            Metrics::observe_traced(&m.stage_duration, &StageLabels { mode, stage: stage.into() }, 2.0, trace);
+            Metrics::observe_traced(&m.job.stage_duration, &StageLabels { mode, stage: stage.into() }, 2.0, trace);
         }
     }
     m

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -38,8 +38,6 @@ impl MetricConstructor<TracedHistogram> for Buckets {
     }
 }
 
-type HistCtor = Buckets;
-type TracedCtor = Buckets;
 
 /// Exemplar labels: the trace id, as Grafana's `exemplarTraceIdDestinations` expects it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,65 +55,6 @@ impl TraceExemplar {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct JobLabels {
-    pub mode: &'static str,
-    pub backend: &'static str,
-    pub outcome: &'static str,
-}
-
-/// Why a request was refused before its upload was read: bounded (`queue_full`, `draining`).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RejectLabels {
-    pub mode: &'static str,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StepLabels {
-    pub mode: &'static str,
-    pub step: &'static str,
-}
-
-/// `stage` comes from a bounded set (see `pipeline::stages`): MuseTalk's stage names,
-/// or a command pipeline's own names capped in count.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StageLabels {
-    pub mode: &'static str,
-    pub stage: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InputLabels {
-    pub mode: &'static str,
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ExitLabels {
-    pub backend: &'static str,
-    /// Exit code 0–255 as text, `signal_N`, or `other`: bounded.
-    pub code: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WorkerLabels {
-    pub worker: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub http_request_method: String,
-    /// The route template (`/v1/jobs/{id}`), never the raw path.
-    pub http_route: String,
-    pub http_response_status_code: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,12 +88,33 @@ pub const REALTIME_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0
 /// One collector source's sampling cost: microseconds to tens of milliseconds.
 pub const SAMPLE_BUCKETS: &[f64] = &[1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05];
 
-fn hist(buckets: &'static [f64]) -> HistCtor {
-    Buckets(buckets)
+impl Buckets {
+    /// A family of histograms (or traced histograms) with these buckets.
+    pub fn family<L, M>(buckets: &'static [f64]) -> Family<L, M, Buckets>
+    where
+        L: Clone + std::hash::Hash + Eq,
+        Buckets: MetricConstructor<M>,
+    {
+        Family::new_with_constructor(Buckets(buckets))
+    }
 }
 
-fn traced(buckets: &'static [f64]) -> TracedCtor {
-    Buckets(buckets)
+/// Registers `metric` as `name` (with `unit` when given) and hands it back, so a
+/// component declares a family once: its field, built and registered in one expression.
+pub fn registered<M>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    match unit {
+        Some(u) => r.register_with_unit(name, help, u, metric.clone()),
+        None => r.register(name, help, metric.clone()),
+    }
+    metric
+}
+
+/// `ratio`, the unit of shares and ratios (OpenTelemetry's `1`, Prometheus' `_ratio`).
+pub fn ratio() -> Unit {
+    Unit::Other("ratio".into())
 }
 
 /// The sidecar's own process figures, as the process source sampled them last.
@@ -221,25 +181,12 @@ impl Collector for TelemetryCollector {
 /// All metric families. Cheap to share (`Arc<Metrics>`); every handle is internally synchronised.
 pub struct Metrics {
     registry: Registry,
-    // Jobs (simple and realtime modes).
-    pub jobs: Family<JobLabels, Counter>,
-    pub jobs_rejected: Family<RejectLabels, Counter>,
-    pub job_duration: Family<JobLabels, TracedHistogram, TracedCtor>,
-    pub step_duration: Family<StepLabels, TracedHistogram, TracedCtor>,
-    pub stage_duration: Family<StageLabels, TracedHistogram, TracedCtor>,
-    pub queue_wait: Family<ModeLabels, Histogram, HistCtor>,
-    pub jobs_in_flight: Family<ModeLabels, Gauge>,
-    pub jobs_queued: Family<ModeLabels, Gauge>,
-    pub jobs_capacity: Family<ModeLabels, Gauge>,
-    pub input_size: Family<InputLabels, Histogram, HistCtor>,
-    pub output_size: Family<ModeLabels, Histogram, HistCtor>,
-    pub output_input_ratio: Family<ModeLabels, Histogram, HistCtor>,
-    pub subprocess_exits: Family<ExitLabels, Counter>,
-    pub realtime_factor: Family<ModeLabels, Histogram, HistCtor>,
-    pub worker_up: Family<WorkerLabels, Gauge>,
-    pub worker_restarts: Family<WorkerLabels, Counter>,
-    // HTTP.
-    pub http_duration: Family<HttpLabels, Histogram, HistCtor>,
+    /// Jobs, steps, stages, queue, sizes, exits (`jobs/metrics.rs`).
+    pub job: crate::jobs::metrics::JobFamilies,
+    /// Realtime workers (`pipeline/worker.rs`).
+    pub worker: crate::pipeline::worker::WorkerFamilies,
+    /// HTTP server requests (`http/mod.rs`).
+    pub http: crate::http::HttpFamilies,
     // Host and GPU (OpenTelemetry semantic-convention names).
     /// The collector sources' own families (each source's file defines, registers and publishes them).
     pub cpu: crate::collector::cpu::CpuFamilies,
@@ -248,9 +195,8 @@ pub struct Metrics {
     pub gpu: crate::collector::gpu::GpuFamilies,
     // The pipeline's process trees, summed per mode.
     pub pipeline: crate::collector::process::PipelineFamilies,
-    // Collector health.
-    pub collector_up: Family<SourceLabels, Gauge>,
-    pub collector_sample_duration: Family<SourceLabels, Histogram, HistCtor>,
+    /// Collector health (`collector/mod.rs`).
+    pub collector: crate::collector::CollectorFamilies,
     // The sidecar itself.
     self_process: Arc<Mutex<Option<SelfProcess>>>,
 }
@@ -269,57 +215,20 @@ pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
-        let ratio = || Unit::Other("ratio".into());
-        let m = Metrics {
-            jobs: Family::default(),
-            jobs_rejected: Family::default(),
-            job_duration: Family::new_with_constructor(traced(JOB_BUCKETS)),
-            step_duration: Family::new_with_constructor(traced(STEP_BUCKETS)),
-            stage_duration: Family::new_with_constructor(traced(STEP_BUCKETS)),
-            queue_wait: Family::new_with_constructor(hist(JOB_BUCKETS)),
-            jobs_in_flight: Family::default(),
-            jobs_queued: Family::default(),
-            jobs_capacity: Family::default(),
-            input_size: Family::new_with_constructor(hist(SIZE_BUCKETS)),
-            output_size: Family::new_with_constructor(hist(SIZE_BUCKETS)),
-            output_input_ratio: Family::new_with_constructor(hist(RATIO_BUCKETS)),
-            subprocess_exits: Family::default(),
-            realtime_factor: Family::new_with_constructor(hist(REALTIME_BUCKETS)),
-            worker_up: Family::default(),
-            worker_restarts: Family::default(),
-            http_duration: Family::new_with_constructor(hist(HTTP_BUCKETS)),
-            cpu: Default::default(),
-            memory: Default::default(),
-            gpu: Default::default(),
-            pipeline: Default::default(),
-            collector_up: Family::default(),
-            collector_sample_duration: Family::new_with_constructor(hist(SAMPLE_BUCKETS)),
-            self_process: Arc::default(),
-            registry: Registry::default(),
-        };
-        r.register("musetalk_jobs", "Jobs finished, by outcome.", m.jobs.clone());
-        r.register("musetalk_jobs_rejected", "Requests refused at admission, before their upload was read: queue full (429) or shutting down (503).", m.jobs_rejected.clone());
-        r.register_with_unit("musetalk_job_duration", "Whole-job duration, queue wait included; exemplars carry the trace id.", Unit::Seconds, m.job_duration.clone());
-        r.register_with_unit("musetalk_step_duration", "Duration of each job step; exemplars carry the trace id.", Unit::Seconds, m.step_duration.clone());
-        r.register_with_unit("musetalk_stage_duration", "Duration of each pipeline (MuseTalk) stage; exemplars carry the trace id.", Unit::Seconds, m.stage_duration.clone());
-        r.register_with_unit("musetalk_queue_wait", "Time a job waited for a run slot.", Unit::Seconds, m.queue_wait.clone());
-        r.register("musetalk_jobs_in_flight", "Jobs running now.", m.jobs_in_flight.clone());
-        r.register("musetalk_jobs_queued", "Jobs waiting for a run slot now.", m.jobs_queued.clone());
-        r.register("musetalk_jobs_capacity", "Jobs admitted at most at once (run slots + --queue-size); beyond it requests get 429.", m.jobs_capacity.clone());
-        r.register_with_unit("musetalk_input_size", "Uploaded input file sizes.", Unit::Bytes, m.input_size.clone());
-        r.register_with_unit("musetalk_output_size", "Output video sizes.", Unit::Bytes, m.output_size.clone());
-        r.register_with_unit("musetalk_output_input_size", "Output size divided by total input size.", ratio(), m.output_input_ratio.clone());
-        r.register("musetalk_subprocess_exits", "Pipeline subprocess exits by exit code (or signal).", m.subprocess_exits.clone());
-        r.register("musetalk_realtime_factor", "Output video seconds per second of processing (1 = real time).", m.realtime_factor.clone());
-        r.register("musetalk_worker_up", "1 while the realtime worker answers, 0 otherwise.", m.worker_up.clone());
-        r.register("musetalk_worker_restarts", "Realtime worker restarts.", m.worker_restarts.clone());
-        r.register_with_unit("http_server_request_duration", "HTTP server request duration.", Unit::Seconds, m.http_duration.clone());
-        m.cpu.register(&mut r);
-        m.memory.register(&mut r);
-        m.gpu.register(&mut r);
-        m.pipeline.register(&mut r);
-        r.register("musetalk_collector_up", "1 if the resource source's last sample succeeded.", m.collector_up.clone());
-        r.register_with_unit("musetalk_collector_sample_duration", "Time one resource source took to sample.", Unit::Seconds, m.collector_sample_duration.clone());
+        // Each component registers its own families; the order is the exposition's.
+        let job = crate::jobs::metrics::JobFamilies::new(&mut r);
+        let worker = crate::pipeline::worker::WorkerFamilies::new(&mut r);
+        let http = crate::http::HttpFamilies::new(&mut r);
+        let cpu = crate::collector::cpu::CpuFamilies::default();
+        let memory = crate::collector::memory::MemoryFamilies::default();
+        let gpu = crate::collector::gpu::GpuFamilies::default();
+        let pipeline = crate::collector::process::PipelineFamilies::default();
+        cpu.register(&mut r);
+        memory.register(&mut r);
+        gpu.register(&mut r);
+        pipeline.register(&mut r);
+        let collector = crate::collector::CollectorFamilies::new(&mut r);
+        let m = Metrics { job, worker, http, cpu, memory, gpu, pipeline, collector, self_process: Arc::default(), registry: Registry::default() };
         r.register(
             "musetalk_sidecar_build",
             "Build information of the sidecar.",
@@ -349,7 +258,7 @@ impl Metrics {
     }
 
     /// Observes `value` with the trace id as exemplar (when the trace is real).
-    pub fn observe_traced<L>(family: &Family<L, TracedHistogram, TracedCtor>, labels: &L, value: f64, trace_id: &str)
+    pub fn observe_traced<L>(family: &Family<L, TracedHistogram, Buckets>, labels: &L, value: f64, trace_id: &str)
     where
         L: Clone + std::hash::Hash + Eq,
     {
@@ -379,8 +288,8 @@ mod tests {
     #[test]
     fn names_units_and_exemplars_render() {
         let m = Metrics::new();
-        m.jobs.get_or_create(&JobLabels { mode: "simple", backend: "preview", outcome: "succeeded" }).inc();
-        Metrics::observe_traced(&m.step_duration, &StepLabels { mode: "simple", step: "file_processing" }, 0.02, "4bf92f3577b34da6a3ce929d0e0e4736");
+        m.job.jobs.get_or_create(&crate::jobs::metrics::JobLabels { mode: "simple", backend: "preview", outcome: "succeeded" }).inc();
+        Metrics::observe_traced(&m.job.step_duration, &crate::jobs::metrics::StepLabels { mode: "simple", step: "file_processing" }, 0.02, "4bf92f3577b34da6a3ce929d0e0e4736");
         m.cpu.publish(Some(&crate::collector::CpuSample { per_cpu: vec![0.25], total: 0.25 }));
         m.set_self_process(SelfProcess { cpu_seconds: 1.5, resident_bytes: 1 << 20, max_fds: Some(1024), ..Default::default() });
         let (ct, text) = m.render(false);

@@ -22,8 +22,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::metrics::{Metrics, SourceLabels};
+use crate::metrics::{Buckets, Metrics, SAMPLE_BUCKETS, registered};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 pub use ring::{AvgPeak, GpuWindow, Ring, TreeWindow, Window};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+/// The collector's health families: whether each source's last sample worked, and its cost.
+#[derive(Debug)]
+pub struct CollectorFamilies {
+    pub up: Family<SourceLabels, Gauge>,
+    pub sample_duration: Family<SourceLabels, Histogram, Buckets>,
+}
+
+impl CollectorFamilies {
+    pub fn new(r: &mut Registry) -> Self {
+        CollectorFamilies {
+            up: registered(r, "musetalk_collector_up", "1 if the resource source's last sample succeeded.", None, Family::default()),
+            sample_duration: registered(r, "musetalk_collector_sample_duration", "Time one resource source took to sample.", Some(Unit::Seconds), Buckets::family(SAMPLE_BUCKETS)),
+        }
+    }
+}
 
 /// The bounded set of sources (the `source` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -315,9 +341,9 @@ impl Sampler {
             let t0 = Instant::now();
             let result = source.collect(&mut sample, &trees);
             let labels = SourceLabels { source: name.as_str() };
-            self.metrics.collector_sample_duration.get_or_create(&labels).observe(t0.elapsed().as_secs_f64());
+            self.metrics.collector.sample_duration.get_or_create(&labels).observe(t0.elapsed().as_secs_f64());
             let up = result.is_ok();
-            self.metrics.collector_up.get_or_create(&labels).set(up as i64);
+            self.metrics.collector.up.get_or_create(&labels).set(up as i64);
             self.handle.inner.source_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name, up);
             // Log transitions only: a missing GPU is one line at start, not one per sample.
             let was_down = self.logged_down.get(&name).copied().unwrap_or(false);

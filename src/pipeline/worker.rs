@@ -23,7 +23,33 @@ use tokio_util::sync::CancellationToken;
 
 use super::PipelineError;
 use crate::collector::{CollectorHandle, TreeGuard};
-use crate::metrics::{Metrics, WorkerLabels};
+use crate::metrics::{Metrics, registered};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
+/// The realtime workers' families (registered by the supervisor's component).
+#[derive(Debug)]
+pub struct WorkerFamilies {
+    pub worker_up: Family<WorkerLabels, Gauge>,
+    pub worker_restarts: Family<WorkerLabels, Counter>,
+}
+
+impl WorkerFamilies {
+    pub fn new(r: &mut Registry) -> Self {
+        WorkerFamilies {
+            worker_up: registered(r, "musetalk_worker_up", "1 while the realtime worker answers, 0 otherwise.", None, Family::default()),
+            worker_restarts: registered(r, "musetalk_worker_restarts", "Realtime worker restarts.", None, Family::default()),
+        }
+    }
+}
 
 /// How to start one worker.
 #[derive(Clone, Debug)]
@@ -278,9 +304,9 @@ impl WorkerPool {
     async fn supervise(self: Arc<Self>, i: usize) {
         let worker = self.workers[i].clone();
         let labels = self.labels(i);
-        self.metrics.worker_up.get_or_create(&labels).set(0);
+        self.metrics.worker.worker_up.get_or_create(&labels).set(0);
         // Known from the start: a worker that never restarted reads 0 restarts.
-        let _ = self.metrics.worker_restarts.get_or_create(&labels);
+        let _ = self.metrics.worker.worker_restarts.get_or_create(&labels);
         let mut backoff = self.opts.backoff_initial;
         let mut first = true;
         loop {
@@ -288,7 +314,7 @@ impl WorkerPool {
                 return;
             }
             if !first {
-                self.metrics.worker_restarts.get_or_create(&labels).inc();
+                self.metrics.worker.worker_restarts.get_or_create(&labels).inc();
                 tracing::warn!(worker = %worker.spec.name, "restarting realtime worker in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -299,7 +325,7 @@ impl WorkerPool {
             first = false;
             let started = Instant::now();
             let healthy = self.run_once(i, &worker).await;
-            self.metrics.worker_up.get_or_create(&labels).set(0);
+            self.metrics.worker.worker_up.get_or_create(&labels).set(0);
             // A worker that served for a while earns a fresh backoff.
             if healthy && started.elapsed() > Duration::from_secs(60) {
                 backoff = self.opts.backoff_initial;
@@ -356,7 +382,7 @@ impl WorkerPool {
                             if !reached_ready {
                                 reached_ready = true;
                                 worker.ready.store(true, Ordering::Release);
-                                self.metrics.worker_up.get_or_create(&self.labels(i)).set(1);
+                                self.metrics.worker.worker_up.get_or_create(&self.labels(i)).set(1);
                                 tracing::info!(worker = %spec.name, load_seconds, info = %info, "realtime worker ready");
                                 self.make_idle(i, generation);
                             }
