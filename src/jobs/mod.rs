@@ -6,6 +6,7 @@
 //! `musetalk_step_duration_seconds` observation with the trace id as exemplar.
 
 pub mod avatars;
+pub mod metrics;
 pub mod report;
 mod run;
 pub mod step;
@@ -25,8 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::collector::CollectorHandle;
 use crate::config::Config;
-use crate::metrics::{JobLabels, Metrics, ModeLabels, RejectLabels};
-use crate::pipeline::{Backend, MediaInfo};
+use crate::metrics::{Metrics, ModeLabels};
+use metrics::{JobLabels, RejectLabels};
+use crate::pipeline::{Backend, JobInput, MediaInfo};
 pub use report::Report;
 
 pub use crate::mode::Mode;
@@ -52,7 +54,7 @@ const REJECT_REASONS: [&str; 2] = ["queue_full", "draining"];
 /// What a job does.
 pub enum Work {
     /// Simple mode: the backend's pipeline on a video and an audio.
-    Simple(Inputs),
+    Simple(JobInput),
     /// Realtime: prepare an avatar (its video is the input).
     Prepare { avatar: Arc<avatars::Avatar> },
     /// Realtime: speak a clip with a prepared avatar.
@@ -61,28 +63,25 @@ pub enum Work {
 }
 
 impl Work {
-    /// The inputs as the report and metrics see them.
-    fn inputs(&self) -> Inputs {
+    /// The job's inputs, as the backend, the report and the metrics see them.
+    fn input(&self, job: &Job) -> JobInput {
+        let base = |video: &PathBuf, video_info: &MediaInfo, avatar: &str| JobInput {
+            job_id: job.id.clone(),
+            dir: job.dir.clone(),
+            video: video.clone(),
+            audio: PathBuf::new(),
+            video_info: video_info.clone(),
+            audio_info: MediaInfo::default(),
+            bbox_shift: None,
+            batch_size: None,
+            avatar_id: Some(avatar.to_string()),
+        };
         match self {
             Work::Simple(i) => i.clone(),
-            Work::Prepare { avatar } => Inputs {
-                video: avatar.video.clone(),
-                audio: PathBuf::new(),
-                video_info: avatar.video_info.clone(),
-                audio_info: MediaInfo::default(),
-                bbox_shift: avatar.bbox_shift,
-                batch_size: None,
-                avatar_id: Some(avatar.id.clone()),
-            },
-            Work::Speak { avatar, audio, audio_info, batch_size } => Inputs {
-                video: avatar.video.clone(),
-                audio: audio.clone(),
-                video_info: avatar.video_info.clone(),
-                audio_info: audio_info.clone(),
-                bbox_shift: None,
-                batch_size: *batch_size,
-                avatar_id: Some(avatar.id.clone()),
-            },
+            Work::Prepare { avatar } => JobInput { bbox_shift: avatar.bbox_shift, ..base(&avatar.video, &avatar.video_info, &avatar.id) },
+            Work::Speak { avatar, audio, audio_info, batch_size } => {
+                JobInput { audio: audio.clone(), audio_info: audio_info.clone(), batch_size: *batch_size, ..base(&avatar.video, &avatar.video_info, &avatar.id) }
+            }
         }
     }
 }
@@ -164,18 +163,6 @@ impl JobEvent {
             JobEvent::Done { .. } => "done",
         }
     }
-}
-
-/// The uploaded inputs, once written and probed.
-#[derive(Clone, Debug)]
-pub struct Inputs {
-    pub video: PathBuf,
-    pub audio: PathBuf,
-    pub video_info: MediaInfo,
-    pub audio_info: MediaInfo,
-    pub bbox_shift: Option<i32>,
-    pub batch_size: Option<u32>,
-    pub avatar_id: Option<String>,
 }
 
 /// One job. Shared between the HTTP layer (status, events, cancel) and its runner task.
@@ -325,12 +312,12 @@ impl Drop for Admission {
 
 /// Owns every job: admission, run slots, the store, retention, drain.
 pub struct JobManager {
-    pub config: Arc<Config>,
-    pub backend: Arc<dyn Backend>,
-    pub metrics: Arc<Metrics>,
-    pub collector: CollectorHandle,
-    pub realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>,
-    pub avatars: avatars::AvatarStore,
+    config: Arc<Config>,
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    collector: CollectorHandle,
+    realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>,
+    avatars: avatars::AvatarStore,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     slots: Arc<Semaphore>,
     /// Per mode: jobs admitted but not yet running (uploading or waiting for a slot).
@@ -343,6 +330,21 @@ pub struct JobManager {
 }
 
 impl JobManager {
+    /// The simple-mode backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The realtime engine (preview, workers, or off).
+    pub fn realtime(&self) -> &Arc<dyn crate::pipeline::realtime::RealtimeEngine> {
+        &self.realtime
+    }
+
+    /// Prepared avatars.
+    pub fn avatars(&self) -> &avatars::AvatarStore {
+        &self.avatars
+    }
+
     /// `slots` is the run budget (`--max-concurrent-jobs`) shared with the preview realtime engine.
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
         let avatars = avatars::AvatarStore::new(realtime.name());
@@ -366,10 +368,10 @@ impl JobManager {
         // instrumentation guidance): a healthy service's error panels read 0, not "No data".
         for mode in Mode::ALL.map(Mode::as_str) {
             for state in [JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::TimedOut] {
-                let _ = m.metrics.jobs.get_or_create(&JobLabels { mode, backend: m.backend.name(), outcome: state.as_str() });
+                let _ = m.metrics.job.jobs.get_or_create(&JobLabels { mode, backend: m.backend.name(), outcome: state.as_str() });
             }
             for reason in REJECT_REASONS {
-                let _ = m.metrics.jobs_rejected.get_or_create(&RejectLabels { mode, reason });
+                let _ = m.metrics.job.jobs_rejected.get_or_create(&RejectLabels { mode, reason });
             }
         }
         m
@@ -390,9 +392,9 @@ impl JobManager {
     fn publish_queue(&self) {
         for (i, mode) in Mode::ALL.iter().enumerate() {
             let l = ModeLabels { mode: mode.as_str() };
-            self.metrics.jobs_capacity.get_or_create(&l).set((self.slots(i) + self.config.queue_size) as i64);
-            self.metrics.jobs_queued.get_or_create(&l).set(self.queued[i].load(Ordering::Acquire) as i64);
-            self.metrics.jobs_in_flight.get_or_create(&l).set(self.running[i].load(Ordering::Acquire) as i64);
+            self.metrics.job.jobs_capacity.get_or_create(&l).set((self.slots(i) + self.config.queue_size) as i64);
+            self.metrics.job.jobs_queued.get_or_create(&l).set(self.queued[i].load(Ordering::Acquire) as i64);
+            self.metrics.job.jobs_in_flight.get_or_create(&l).set(self.running[i].load(Ordering::Acquire) as i64);
         }
     }
 
@@ -403,7 +405,7 @@ impl JobManager {
                 JobError::QueueFull { .. } => REJECT_REASONS[0],
                 _ => REJECT_REASONS[1],
             };
-            self.metrics.jobs_rejected.get_or_create(&RejectLabels { mode: mode.as_str(), reason }).inc();
+            self.metrics.job.jobs_rejected.get_or_create(&RejectLabels { mode: mode.as_str(), reason }).inc();
             Err(e)
         };
         if self.draining.load(Ordering::Acquire) {

@@ -13,10 +13,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
 use super::avatars::{Avatar, AvatarState};
-use super::{Admission, Inputs, Job, JobEvent, JobManager, JobState, Progress, Step, Work};
-use crate::metrics::{ExitLabels, InputLabels, JobLabels, Metrics, ModeLabels, StageLabels, StepLabels, exit_code_label};
+use super::{Admission, Job, JobEvent, JobManager, JobState, Progress, Step, Work};
+use super::metrics::{ExitLabels, InputLabels, JobLabels, StageLabels, StepLabels};
+use crate::metrics::{Metrics, ModeLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
-use crate::pipeline::{self, EndReason, JobInput, PipelineError, ProcessOutcome, RunOptions, StageEvent, Stream};
+use crate::pipeline::{self, JobInput, PipelineError, ProcessOutcome, RunOptions};
 use crate::telemetry;
 
 /// What the runner learns along the way, for the report and the metrics.
@@ -102,7 +103,7 @@ async fn step<T>(m: &JobManager, job: &Job, rec: &mut Record, step: Step, f: imp
 /// Records a step's duration; for `file_processing`, timed by the upload that ran it,
 /// this is all; every other step gets here through [`StepScope::close`].
 fn record_step(m: &JobManager, job: &Job, rec: &mut Record, step: Step, secs: f64) {
-    Metrics::observe_traced(&m.metrics.step_duration, &StepLabels { mode: job.mode.as_str(), step: step.as_str() }, secs, &job.trace_id);
+    Metrics::observe_traced(&m.metrics.job.step_duration, &StepLabels { mode: job.mode.as_str(), step: step.as_str() }, secs, &job.trace_id);
     rec.steps.push((step.as_str().to_string(), secs));
     let timings = report::timings(&rec.steps, 0.0);
     job.update(|s| s.steps = timings);
@@ -152,7 +153,7 @@ impl<'a> StageRecorder<'a> {
         if let Some((t0, mut s)) = self.open.remove(&name) {
             let secs = at.duration_since(t0).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             s.end_with_timestamp(at);
-            Metrics::observe_traced(&self.metrics.stage_duration, &StageLabels { mode: self.job.mode.as_str(), stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
+            Metrics::observe_traced(&self.metrics.job.stage_duration, &StageLabels { mode: self.job.mode.as_str(), stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
             self.stages.push((name.clone(), secs));
             self.job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
         }
@@ -192,7 +193,7 @@ async fn queue_wait<T>(m: &Arc<JobManager>, job: &Job, rec: &mut Record, acquire
         telemetry::set_error(&queue_span, e.message.clone());
     }
     drop(queue_span);
-    m.metrics.queue_wait.get_or_create(&ModeLabels { mode: job.mode.as_str() }).observe(rec.queue_seconds);
+    m.metrics.job.queue_wait.get_or_create(&ModeLabels { mode: job.mode.as_str() }).observe(rec.queue_seconds);
     got
 }
 
@@ -207,7 +208,7 @@ fn enter_running(m: &Arc<JobManager>, job: &Job, admission: Admission) -> Runnin
 pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admission, work: Work, receive_seconds: f64) {
     let mut rec = Record::default();
     let span = job.span();
-    let inputs = work.inputs();
+    let inputs = work.input(&job);
     let result = match &work {
         Work::Simple(inputs) => run_steps(&m, &job, admission, inputs, receive_seconds, &mut rec).instrument(span).await,
         Work::Speak { avatar, .. } => run_speak(&m, &job, admission, avatar, &inputs, receive_seconds, &mut rec).instrument(span).await,
@@ -238,7 +239,7 @@ async fn realtime_slot(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, ad
 
 /// Realtime `speak`: file_processing, queue_wait (an idle worker), inference,
 /// output_discovery, response_preparation.
-async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
+async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &JobInput, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
     let (mut slot, _running) = realtime_slot(m, job, rec, admission).await?;
     let output = job.dir.join("result").join("output.mp4");
@@ -337,7 +338,7 @@ impl<'a> EngineRecorder<'a> {
 }
 
 /// `output_discovery`: the file exists and ffprobe says it is a video.
-async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &Inputs, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
+async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, inputs: &JobInput, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
     step(m, job, rec, Step::OutputDiscovery, async |span, rec| {
         let path = pipeline::require_output(&path).map_err(|e| StepFailure::from_pipeline(Step::OutputDiscovery, e))?;
         probe_output(m, span, rec, inputs, path, expected).await
@@ -345,7 +346,7 @@ async fn discover_output(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, 
     .await
 }
 
-async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Record, inputs: &Inputs, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
+async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Record, inputs: &JobInput, path: PathBuf, expected: Option<pipeline::ExpectedOutput>) -> Result<PathBuf, StepFailure> {
     let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
     rec.output_bytes = Some(size);
     span.set_attribute("musetalk.output.bytes", size as i64);
@@ -371,7 +372,7 @@ async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Recor
     }
 }
 
-async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &Inputs, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
+async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &JobInput, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
     // file_processing ran in the request (its span is made by `file_processing_span`); record its time.
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
 
@@ -383,16 +384,7 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
     let _running = enter_running(m, job, admission);
     let _permit = permit;
 
-    let pjob = JobInput {
-        job_id: job.id.clone(),
-        dir: job.dir.clone(),
-        video: inputs.video.clone(),
-        audio: inputs.audio.clone(),
-        video_info: inputs.video_info.clone(),
-        audio_info: inputs.audio_info.clone(),
-        bbox_shift: inputs.bbox_shift,
-        batch_size: inputs.batch_size,
-    };
+    let pjob = inputs;
     let backend = m.backend.clone();
 
     let invocation = step(m, job, rec, Step::ConfigCreation, async |_, _| backend.prepare(&pjob).map_err(|e| StepFailure::from_pipeline(Step::ConfigCreation, e))).await?;
@@ -429,60 +421,16 @@ async fn execute(
     span.set_attribute("process.command_line", rec.command.clone());
     let opts = RunOptions { timeout: m.config.job_timeout, kill_grace: m.config.kill_grace, cancel: job.cancel.clone(), traceparent: telemetry::traceparent(span) };
     let mut parser = m.backend.stage_parser(pjob);
-    let mut stages = StageRecorder::new(job, m.metrics.clone(), span);
-    let clock = pipeline::Clock::now();
-    let mut guard = None;
-    let collector = m.collector.clone();
-    let mode = job.mode.as_str();
-    let mut handle = |ev: StageEvent| match ev {
-        StageEvent::Start { name, at } => stages.start(name, clock.to_system(at)),
-        StageEvent::End { name, at } => stages.end(name, clock.to_system(at)),
-        StageEvent::Progress { done, total } => stages.progress(done, total),
-    };
-
-    let started = Instant::now();
-    for ev in parser.begin(started) {
-        handle(ev);
-    }
-    let result = pipeline::process::run(
-        inv,
-        &opts,
-        &mut |pid| {
-            guard = Some(collector.register_tree(pid, mode));
-            tracing::info!(pid, "pipeline started");
-        },
-        &mut |stream, line, at| {
-            match stream {
-                Stream::Stdout => tracing::debug!(target: "pipeline", stream = "stdout", "{line}"),
-                Stream::Stderr => tracing::debug!(target: "pipeline", stream = "stderr", "{line}"),
-            }
-            for ev in parser.line(stream, line, at) {
-                handle(ev);
-            }
-        },
-    )
-    .await;
-    let ended = Instant::now();
-    for ev in parser.finish(ended) {
-        handle(ev);
-    }
-    drop(handle);
-    rec.stages = stages.finish();
-    rec.exec_window = Some((started, ended));
-    rec.tree_key = guard.as_ref().map(|g| g.key());
-    drop(guard);
+    let mut er = EngineRecorder::new(m, job, span);
+    let result = pipeline::process::run_invocation(inv, &opts, parser.as_mut(), &mut |ev| er.on(ev)).await;
+    er.finish(rec);
     let outcome = result.map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;
-    span.set_attribute("process.pid", outcome.pid as i64);
     if let Some(c) = outcome.code {
         span.set_attribute("process.exit.code", c as i64);
     }
-    m.metrics.subprocess_exits.get_or_create(&ExitLabels { backend: m.backend.name(), code: exit_code_label(outcome.code, outcome.signal) }).inc();
+    m.metrics.job.subprocess_exits.get_or_create(&ExitLabels { backend: m.backend.name(), code: exit_code_label(outcome.code, outcome.signal) }).inc();
     rec.outcome = Some(outcome.clone());
-    match outcome.ended {
-        EndReason::TimedOut => return Err(StepFailure::from_pipeline(Step::SubprocessExecution, PipelineError::TimedOut(m.config.job_timeout))),
-        EndReason::Cancelled => return Err(StepFailure::from_pipeline(Step::SubprocessExecution, PipelineError::Cancelled)),
-        EndReason::Exited => {}
-    }
+    outcome.ended_ok(m.config.job_timeout).map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;
     Ok((outcome, parser))
 }
 
@@ -491,7 +439,7 @@ async fn execute(
 /// `response_preparation`, for every job whatever happened: the report, the job span's
 /// attributes, the job metrics, then the final state (in that order: a client woken by
 /// the state finds the report and the metrics already there).
-fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
+fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
     let scope = StepScope::open(job, Step::ResponsePreparation);
     let (state, error) = match &result {
         Ok(_) => (JobState::Succeeded, None),
@@ -536,7 +484,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &Inputs, mut rec: Record, result: R
 }
 
 /// The per-request report, from what the runner recorded.
-fn build_report(m: &JobManager, job: &Job, inputs: &Inputs, rec: &Record, state: JobState, error: Option<ErrorInfo>, resources: crate::collector::Window) -> Report {
+fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, state: JobState, error: Option<ErrorInfo>, resources: crate::collector::Window) -> Report {
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
     let steps = report::timings(&rec.steps, total);
@@ -583,7 +531,7 @@ fn build_report(m: &JobManager, job: &Job, inputs: &Inputs, rec: &Record, state:
 }
 
 /// The job span's attributes: outcome, media, and the resource window (average and peak).
-fn record_job_span(job: &Job, inputs: &Inputs, report: &Report) {
+fn record_job_span(job: &Job, inputs: &JobInput, report: &Report) {
     let js = &job.span();
     js.record("musetalk.outcome", report.outcome.as_str());
     if let Some(e) = &report.error {
@@ -622,18 +570,18 @@ fn record_job_span(job: &Job, inputs: &Inputs, report: &Report) {
 fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Report) {
     let mode = job.mode.as_str();
     let labels = JobLabels { mode, backend: job.backend, outcome: state.as_str() };
-    m.metrics.jobs.get_or_create(&labels).inc();
-    Metrics::observe_traced(&m.metrics.job_duration, &labels, report.total_seconds, &job.trace_id);
+    m.metrics.job.jobs.get_or_create(&labels).inc();
+    Metrics::observe_traced(&m.metrics.job.job_duration, &labels, report.total_seconds, &job.trace_id);
     let ml = ModeLabels { mode };
-    m.metrics.input_size.get_or_create(&InputLabels { mode, kind: "video" }).observe(report.files.video_bytes as f64);
-    m.metrics.input_size.get_or_create(&InputLabels { mode, kind: "audio" }).observe(report.files.audio_bytes as f64);
+    m.metrics.job.input_size.get_or_create(&InputLabels { mode, kind: "video" }).observe(report.files.video_bytes as f64);
+    m.metrics.job.input_size.get_or_create(&InputLabels { mode, kind: "audio" }).observe(report.files.audio_bytes as f64);
     if let Some(o) = report.files.output_bytes {
-        m.metrics.output_size.get_or_create(&ml).observe(o as f64);
+        m.metrics.job.output_size.get_or_create(&ml).observe(o as f64);
     }
     if let Some(r) = report.files.output_input_ratio {
-        m.metrics.output_input_ratio.get_or_create(&ml).observe(r);
+        m.metrics.job.output_input_ratio.get_or_create(&ml).observe(r);
     }
     if let Some(r) = report.media.realtime_factor {
-        m.metrics.realtime_factor.get_or_create(&ml).observe(r);
+        m.metrics.job.realtime_factor.get_or_create(&ml).observe(r);
     }
 }

@@ -28,6 +28,18 @@ pub use media::MediaInfo;
 pub use process::{EndReason, Invocation, ProcessOutcome, RunOptions, Stream};
 pub use stages::{StageEvent, StageParser};
 
+/// What stage spans and progress are made from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineEvent {
+    StageStart { name: String, at: std::time::SystemTime },
+    StageEnd { name: String, at: std::time::SystemTime },
+    Progress { done: u64, total: Option<u64> },
+    /// A process now does the work; `shared` when it is a pool worker that outlives the job.
+    Process { pid: u32, shared: bool },
+}
+
+pub type Sink<'a> = &'a mut (dyn FnMut(EngineEvent) + Send);
+
 /// What a job hands the backend: its private directory and its (uniquely named) inputs.
 #[derive(Clone, Debug)]
 pub struct JobInput {
@@ -40,6 +52,8 @@ pub struct JobInput {
     pub audio_info: MediaInfo,
     pub bbox_shift: Option<i32>,
     pub batch_size: Option<u32>,
+    /// The avatar the job belongs to (realtime), or the client's tag (simple): reported, not used by backends.
+    pub avatar_id: Option<String>,
 }
 
 impl JobInput {
@@ -94,6 +108,12 @@ pub trait Backend: Send + Sync + 'static {
     /// memory, a truncated write) fails instead of succeeding. `None`: not checked.
     fn expected_output(&self, _job: &JobInput) -> Option<ExpectedOutput> {
         None
+    }
+
+    /// Whether `check` proves the backend with a real trial job (cheap: preview) or,
+    /// where one run costs minutes of GPU, with [`Backend::probe`] alone.
+    fn cheap_trial(&self) -> bool {
+        false
     }
 }
 

@@ -275,6 +275,10 @@ pub async fn tool_version(tool: &std::path::Path) -> Result<String, String> {
 }
 
 impl Backend for Preview {
+    fn cheap_trial(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "preview"
     }

@@ -86,6 +86,15 @@ pub struct ProcessOutcome {
 }
 
 impl ProcessOutcome {
+    /// `Err` when the process did not end by itself: killed at `timeout`, or cancelled.
+    pub fn ended_ok(&self, timeout: Duration) -> Result<(), PipelineError> {
+        match self.ended {
+            EndReason::TimedOut => Err(PipelineError::TimedOut(timeout)),
+            EndReason::Cancelled => Err(PipelineError::Cancelled),
+            EndReason::Exited => Ok(()),
+        }
+    }
+
     pub fn succeeded(&self) -> bool {
         self.ended == EndReason::Exited && self.code == Some(0)
     }
@@ -140,6 +149,50 @@ pub type OnLine<'a> = &'a mut (dyn FnMut(Stream, &str, Instant) + Send);
 
 /// Runs `inv` to completion, timeout or cancellation. Every exit path leaves no process
 /// of the group behind (orphaned grandchildren included).
+/// Runs `inv` and reports through `sink` what stage spans and progress are made from:
+/// the process once spawned, and every stage event `parser` reads off its output (each
+/// line also becomes a `pipeline` debug event). The one runner behind simple jobs and
+/// the preview realtime engine; the end reason is the caller's to judge.
+pub async fn run_invocation(inv: &Invocation, opts: &RunOptions, parser: &mut dyn super::StageParser, sink: super::Sink<'_>) -> Result<ProcessOutcome, PipelineError> {
+    let clock = super::Clock::now();
+    let forward = |evs: Vec<super::StageEvent>, sink: &mut (dyn FnMut(super::EngineEvent) + Send)| {
+        for ev in evs {
+            sink(match ev {
+                super::StageEvent::Start { name, at } => super::EngineEvent::StageStart { name, at: clock.to_system(at) },
+                super::StageEvent::End { name, at } => super::EngineEvent::StageEnd { name, at: clock.to_system(at) },
+                super::StageEvent::Progress { done, total } => super::EngineEvent::Progress { done, total },
+            });
+        }
+    };
+    forward(parser.begin(Instant::now()), sink);
+    let result = {
+        // Both callbacks report through the one sink.
+        let cell = std::sync::Mutex::new(&mut *sink);
+        run(
+            inv,
+            opts,
+            &mut |pid| {
+                tracing::info!(pid, "pipeline started");
+                let mut g = cell.lock().unwrap_or_else(|e| e.into_inner());
+                (&mut **g)(super::EngineEvent::Process { pid, shared: false });
+            },
+            &mut |stream, line, at| {
+                match stream {
+                    Stream::Stdout => tracing::debug!(target: "pipeline", stream = "stdout", "{line}"),
+                    Stream::Stderr => tracing::debug!(target: "pipeline", stream = "stderr", "{line}"),
+                }
+                let evs = parser.line(stream, line, at);
+                let mut g = cell.lock().unwrap_or_else(|e| e.into_inner());
+                forward(evs, &mut **g);
+            },
+        )
+        .await
+    };
+    // Stages still open end now, whether the process exited, crashed or never started.
+    forward(parser.finish(Instant::now()), sink);
+    result
+}
+
 pub async fn run(inv: &Invocation, opts: &RunOptions, on_spawn: OnSpawn<'_>, on_line: OnLine<'_>) -> Result<ProcessOutcome, PipelineError> {
     let traceparent = opts.traceparent.iter().map(|tp| ("TRACEPARENT".to_string(), tp.clone()));
     let mut cmd = command(&inv.program, &inv.args, &inv.cwd, Stdio::null(), traceparent.chain(inv.env.iter().cloned()));

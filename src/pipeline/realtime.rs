@@ -7,29 +7,19 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::{Delivery, Event, Lease, PoolOptions, Request, WorkerPool, WorkerSpec, monotonic_to_system};
-use super::{Clock, JobInput, MediaInfo, PipelineError, RunOptions, StageEvent};
+use super::{JobInput, MediaInfo, PipelineError, RunOptions};
 use crate::collector::CollectorHandle;
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
 
-/// What stage spans and progress are made from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum EngineEvent {
-    StageStart { name: String, at: SystemTime },
-    StageEnd { name: String, at: SystemTime },
-    Progress { done: u64, total: Option<u64> },
-    /// A process now does the work; `shared` when it is a pool worker that outlives the job.
-    Process { pid: u32, shared: bool },
-}
-
-pub type Sink<'a> = &'a mut (dyn FnMut(EngineEvent) + Send);
+pub use super::{EngineEvent, Sink};
 
 #[derive(Clone, Debug)]
 pub struct PrepareRequest {
@@ -198,50 +188,13 @@ impl RealtimeEngine for PreviewEngine {
 }
 
 impl PreviewSlot {
-    /// Runs one ffmpeg invocation with the shared subprocess discipline, forwarding its stages.
+    /// Runs one ffmpeg invocation through the shared runner, forwarding its stages.
     async fn run(&mut self, inv: super::Invocation, mut parser: Box<dyn super::StageParser>, sink: Sink<'_>, cancel: &CancellationToken, timeout: Duration) -> Result<(), PipelineError> {
-        let clock = Clock::now();
         let opts = RunOptions { timeout, kill_grace: self.config.kill_grace, cancel: cancel.clone(), traceparent: None };
-        let forward = |evs: Vec<StageEvent>, sink: &mut (dyn FnMut(EngineEvent) + Send)| {
-            for ev in evs {
-                sink(match ev {
-                    StageEvent::Start { name, at } => EngineEvent::StageStart { name, at: clock.to_system(at) },
-                    StageEvent::End { name, at } => EngineEvent::StageEnd { name, at: clock.to_system(at) },
-                    StageEvent::Progress { done, total } => EngineEvent::Progress { done, total },
-                });
-            }
-        };
-        forward(parser.begin(Instant::now()), sink);
-        let pid = std::sync::atomic::AtomicU32::new(0);
-        let outcome = {
-            // Both callbacks report through the one sink.
-            let cell = std::sync::Mutex::new(&mut *sink);
-            let r = super::process::run(
-                &inv,
-                &opts,
-                &mut |p| {
-                    pid.store(p, std::sync::atomic::Ordering::Relaxed);
-                    let mut g = cell.lock().unwrap_or_else(|e| e.into_inner());
-                    (&mut **g)(EngineEvent::Process { pid: p, shared: false });
-                },
-                &mut |stream, line, at| {
-                    tracing::debug!(target: "pipeline", ?stream, "{line}");
-                    let evs = parser.line(stream, line, at);
-                    let mut g = cell.lock().unwrap_or_else(|e| e.into_inner());
-                    forward(evs, &mut **g);
-                },
-            )
-            .await;
-            r?
-        };
-        let pid = Some(pid.load(std::sync::atomic::Ordering::Relaxed)).filter(|p| *p != 0);
-        self.pid = pid;
-        forward(parser.finish(Instant::now()), sink);
-        match outcome.ended {
-            super::EndReason::TimedOut => Err(PipelineError::TimedOut(timeout)),
-            super::EndReason::Cancelled => Err(PipelineError::Cancelled),
-            super::EndReason::Exited => super::require_clean_exit(&outcome),
-        }
+        let outcome = super::process::run_invocation(&inv, &opts, parser.as_mut(), sink).await?;
+        self.pid = Some(outcome.pid).filter(|p| *p != 0);
+        outcome.ended_ok(timeout)?;
+        super::require_clean_exit(&outcome)
     }
 }
 
@@ -302,6 +255,7 @@ fn preview_job(req: &InferRequest) -> JobInput {
         audio_info: req.audio_info.clone(),
         bbox_shift: None,
         batch_size: req.batch_size,
+        avatar_id: Some(req.avatar_id.clone()),
     }
 }
 
