@@ -209,7 +209,7 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
         p.print(listen("admin listen", "--admin-listen", addr));
     }
     if let Some(path) = &config.auth_token_file {
-        p.print(match crate::api::auth::Tokens::load(path) {
+        p.print(match crate::http::auth::Tokens::load(path) {
             Ok(_) => ok("auth tokens", format!("{} holds at least one token", path.display())),
             Err(e) => fail("auth tokens", e, "point --auth-token-file at a readable file with one token per line"),
         });
@@ -274,7 +274,7 @@ fn check_config(config: Config, p: &mut Printer) -> Config {
 /// the model backends, whose one run costs minutes of GPU, answer their readiness probe.
 async fn backend_works(config: &Config) -> Outcome {
     let backend = crate::pipeline::build(config);
-    if config.backend != BackendKind::Preview {
+    if !backend.cheap_trial() {
         return match backend.probe().await {
             Ok(d) => ok("backend", format!("{} backend ready: {d}", backend.name())),
             Err(e) => fail("backend", format!("{} backend not ready: {e}", backend.name()), "`serve` answers /readyz 503 with this reason until it is fixed; the MuseTalk lines above say what the backend needs"),
