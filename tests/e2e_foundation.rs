@@ -341,13 +341,19 @@ async fn real_prometheus_scrapes_the_service() {
         .expect("system_memory_limit_bytes");
     assert_eq!(limit, meminfo_total_bytes(), "MemTotal from /proc/meminfo");
     let used = prom
-        .query_value("sum(system_memory_usage_bytes)")
+        .query_value("system_memory_usage_bytes{system_memory_state=\"used\"}")
         .await
         .expect("system_memory_usage_bytes");
     assert!(
-        used > 0.0 && used <= limit * 1.01,
-        "states add up to about the total: {used} vs {limit}"
+        used > 0.0 && used <= limit,
+        "used = total - available is within the total: {used} vs {limit}"
     );
+    // Busy share from the mode split: the modes of one CPU add up to 1.
+    let modes = prom
+        .query_value("sum(system_cpu_utilization_ratio{cpu_logical_number=\"0\"})")
+        .await
+        .expect("system_cpu_utilization_ratio{cpu_logical_number, cpu_mode}");
+    assert!((modes - 1.0).abs() < 0.01, "modes of cpu 0 sum to 1: {modes}");
     assert_eq!(
         prom.query_value("musetalk_collector_up{source=\"cpu\"}")
             .await,

@@ -10,7 +10,7 @@ use crate::metrics::FGauge;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MemoryStateLabels {
-    pub state: &'static str,
+    pub system_memory_state: &'static str,
 }
 
 /// The memory source's families (`system.memory.*`), registered and published here.
@@ -29,7 +29,7 @@ impl MemoryFamilies {
     pub fn publish(&self, mem: Option<&MemorySample>) {
         if let Some(mem) = mem {
             for (state, v) in [("used", mem.used), ("free", mem.free), ("cached", mem.cached), ("buffers", mem.buffers)] {
-                self.usage.get_or_create(&MemoryStateLabels { state }).set(v as f64);
+                self.usage.get_or_create(&MemoryStateLabels { system_memory_state: state }).set(v as f64);
             }
             self.limit.set(mem.total as f64);
         }
@@ -49,12 +49,14 @@ impl MemorySource {
     }
 }
 
-/// Parses the five `/proc/meminfo` lines we publish. Hand-parsed rather than through
+/// Parses the six `/proc/meminfo` lines we publish. Hand-parsed rather than through
 /// `procfs::Meminfo` (which parses all ~50 lines into a map): this runs every sample
 /// and the full parse was a third of the sampling budget (DESIGN.md §9).
-/// `cached` includes reclaimable slab, as procps does; `used` is what is left.
+/// `cached` includes reclaimable slab, as procps does; `used` = total − MemAvailable
+/// (OpenTelemetry's definition). Kernels before 3.14 have no MemAvailable: there the
+/// estimate is free + buffers + cached, as procps falls back to.
 pub fn parse_meminfo(text: &str) -> Option<MemorySample> {
-    let (mut total, mut free, mut buffers, mut cached, mut sreclaim) = (None, None, None, None, 0u64);
+    let (mut total, mut free, mut buffers, mut cached, mut available, mut sreclaim) = (None, None, None, None, None, 0u64);
     for line in text.lines() {
         let Some((key, rest)) = line.split_once(':') else { continue };
         let slot = match key {
@@ -62,6 +64,7 @@ pub fn parse_meminfo(text: &str) -> Option<MemorySample> {
             "MemFree" => &mut free,
             "Buffers" => &mut buffers,
             "Cached" => &mut cached,
+            "MemAvailable" => &mut available,
             "SReclaimable" => {
                 sreclaim = kib(rest).unwrap_or(0);
                 continue;
@@ -72,7 +75,8 @@ pub fn parse_meminfo(text: &str) -> Option<MemorySample> {
     }
     let (total, free, buffers) = (total?, free?, buffers.unwrap_or(0));
     let cached = cached.unwrap_or(0) + sreclaim;
-    let used = total.saturating_sub(free + buffers + cached);
+    let available = available.unwrap_or(free + buffers + cached);
+    let used = total.saturating_sub(available);
     Some(MemorySample { total, used, free, cached, buffers })
 }
 
@@ -101,7 +105,9 @@ mod tests {
     #[test]
     fn parses_the_fields_free_uses() {
         let m = parse_meminfo("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    500 kB\nBuffers:          10 kB\nCached:          200 kB\nSReclaimable:     40 kB\n").unwrap();
-        assert_eq!(m, MemorySample { total: 1024000, free: 102400, buffers: 10240, cached: 245760, used: 665600 });
+        assert_eq!(m, MemorySample { total: 1024000, free: 102400, buffers: 10240, cached: 245760, used: 512000 }, "used = total - MemAvailable");
+        let old = parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 10 kB\nCached: 200 kB\n").unwrap();
+        assert_eq!(old.used, 690 * 1024, "no MemAvailable (kernel < 3.14): free + buffers + cached");
         assert!(parse_meminfo("Buffers: 1 kB\n").is_none());
     }
 
@@ -111,6 +117,6 @@ mod tests {
         MemorySource::new().collect(&mut s, &[]).unwrap();
         let m = s.memory.unwrap();
         assert!(m.total > 0);
-        assert_eq!(m.used + m.free + m.buffers + m.cached, m.total);
+        assert!(m.used <= m.total && m.free <= m.total);
     }
 }
