@@ -36,13 +36,13 @@ fn sample(c: &mut Criterion) {
     let _ = tree.wait();
 }
 
-/// ~500 series: 64 CPUs, the job/step/stage histograms for both modes, HTTP routes.
+/// ~500 series: 9 CPUs × 7 modes, the job/step/stage histograms for both modes, HTTP routes.
 fn populated_metrics() -> Metrics {
     let m = Metrics::new();
     let mut s = Sampler::new(vec![Box::new(CpuSource::new()), Box::new(MemorySource::new()), Box::new(ProcessSource::new())], Arc::new(Metrics::new()), 4, Duration::from_millis(500));
     let sample = s.sample_once();
     musetalk_sidecar::collector::publish(&m, &sample);
-    m.cpu.publish(Some(&musetalk_sidecar::collector::CpuSample { per_cpu: vec![0.5; 64], total: 0.5 }));
+    m.cpu.publish(Some(&musetalk_sidecar::collector::CpuSample { per_cpu: vec![0.5; 9], total: 0.5, modes: vec![[0.3, 0.0, 0.2, 0.4, 0.05, 0.03, 0.02]; 9] }));
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for mode in ["simple", "realtime"] {
         for outcome in ["succeeded", "failed"] {

@@ -12,9 +12,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::service::{Service, ServiceBuilder, command};
+use musetalk_sidecar::collector::insight::{StageGpu, Verdict};
 use musetalk_sidecar::collector::{AvgPeak, GpuWindow, TreeWindow, Window};
 use musetalk_sidecar::jobs::Report;
-use musetalk_sidecar::jobs::report::{self, Bottleneck, ErrorInfo, Files, Subprocess, Timing};
+use musetalk_sidecar::jobs::report::{self, Bottleneck, ErrorInfo, Files, GpuEnergy, Subprocess, Timing};
 use serde_json::Value;
 
 /// The audio's length: the saved video must last this long.
@@ -585,7 +586,7 @@ fn assert_golden(name: &str, actual: &str) {
 }
 
 fn t(name: &str, seconds: f64, percent: f64) -> Timing {
-    Timing { name: name.into(), seconds, percent }
+    Timing { name: name.into(), seconds, percent, gpu: None }
 }
 
 fn ap(avg: f64, peak: f64) -> Option<AvgPeak> {
@@ -621,13 +622,15 @@ fn succeeded_report() -> Report {
         media: report::Media { video_seconds: 2.0, audio_seconds: 3.0, output_seconds: Some(3.0), output_frames: Some(75), input_frames: Some(50), realtime_factor: Some(0.71) },
         resources: Window {
             samples: 9,
+            seconds: 4.25,
             cpu: ap(0.62, 0.97),
             cpu_count: Some(2),
             memory_used: ap(2.6e9, 2.7e9),
             memory_total: Some(24 * 1024 * 1024 * 1024),
             gpus: vec![],
-            tree: Some(TreeWindow { cpu: AvgPeak { avg: 0.48, peak: 0.99, samples: 8 }, rss: AvgPeak { avg: 14.2e6, peak: 30.1e6, samples: 8 }, gpu_memory: None, gpu_util: None, max_processes: 1 }),
+            tree: Some(TreeWindow { cpu: AvgPeak { avg: 0.48, peak: 0.99, samples: 8 }, rss: AvgPeak { avg: 14.2e6, peak: 30.1e6, samples: 8 }, gpu_memory: None, gpu_util: None, max_processes: 1, gpus: vec![] }),
         },
+        gpu_energy: None,
     }
 }
 
@@ -660,6 +663,22 @@ fn golden_text_report_with_gpu_data() {
     let mut r = succeeded_report();
     r.backend = "musetalk".into();
     r.stages = vec![t("model_loading", 1.2, 34.3), t("unet_inference", 2.0, 57.1), t("audio_mux", 0.3, 8.6)];
+    let stage = |sm: f64, peak: f64, bw: Option<f64>, rx: f64, power: f64, joules: f64, reasons: &[&str], verdict: Verdict| StageGpu {
+        sm: AvgPeak { avg: sm, peak, samples: 3 },
+        memory_bandwidth: bw.map(|b| AvgPeak { avg: b, peak: b, samples: 3 }),
+        tensor_active: None,
+        pcie_rx_bytes: Some(rx),
+        pcie_tx_bytes: Some(rx / 8.0),
+        power_watts: Some(power),
+        energy_joules: Some(joules),
+        throttle_reasons: reasons.iter().map(|r| r.to_string()).collect(),
+        pipeline_cpu_cores: Some(0.9),
+        verdict,
+    };
+    r.stages[0].gpu = Some(stage(0.08, 0.3, Some(0.02), 3.9e9, 95.0, 114.0, &[], Verdict::TransferBound));
+    r.stages[1].gpu = Some(stage(0.93, 0.99, Some(0.41), 2.1e8, 455.0, 910.0, &["power_cap"], Verdict::GpuBound));
+    r.stages[2].gpu = Some(stage(0.0, 0.0, None, 0.0, 70.0, 21.0, &[], Verdict::CpuBound));
+    r.gpu_energy = Some(GpuEnergy { joules: 1045.0, per_output_second: Some(1045.0 / 3.0) });
     r.bottleneck = Some(Bottleneck { step: "subprocess_execution".into(), percent: 82.4, stage: Some("unet_inference".into()) });
     r.subprocess = None;
     r.resources.tree = Some(TreeWindow {
@@ -668,10 +687,11 @@ fn golden_text_report_with_gpu_data() {
         gpu_memory: ap(5.2e9, 6.1e9),
         gpu_util: ap(0.71, 0.98),
         max_processes: 3,
+        gpus: vec![0],
     });
     r.resources.gpus = vec![
-        GpuWindow { index: 0, name: "NVIDIA H200".into(), utilization: ap(0.74, 0.99), memory_used_bytes: ap(6.0e9, 7.5e9), memory_total_bytes: Some(150_000_000_000), temperature_celsius: ap(51.0, 58.0), power_watts: ap(310.0, 480.0) },
-        GpuWindow { index: 1, name: "NVIDIA H200".into(), utilization: ap(0.0, 0.0), memory_used_bytes: ap(5.0e8, 5.0e8), memory_total_bytes: Some(150_000_000_000), temperature_celsius: ap(30.0, 31.0), power_watts: ap(70.0, 72.0) },
+        GpuWindow { index: 0, name: "NVIDIA H200".into(), utilization: ap(0.74, 0.99), memory_used_bytes: ap(6.0e9, 7.5e9), memory_total_bytes: Some(150_000_000_000), temperature_celsius: ap(51.0, 58.0), power_watts: ap(310.0, 480.0), ..Default::default() },
+        GpuWindow { index: 1, name: "NVIDIA H200".into(), utilization: ap(0.0, 0.0), memory_used_bytes: ap(5.0e8, 5.0e8), memory_total_bytes: Some(150_000_000_000), temperature_celsius: ap(30.0, 31.0), power_watts: ap(70.0, 72.0), ..Default::default() },
     ];
     assert_golden("report_gpu.txt", &r.to_text());
 }

@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod insight;
 pub mod memory;
 pub mod nvml;
 pub mod process;
@@ -89,14 +90,19 @@ pub trait Source: Send {
     fn collect(&mut self, sample: &mut Sample, trees: &[TreeRegistration]) -> Result<(), SourceError>;
 }
 
-/// Host CPU: busy share per logical CPU and overall, over the last interval.
+/// Host CPU over the last interval: busy share per logical CPU and overall, and each
+/// CPU's split by mode (what `system_cpu_utilization_ratio{cpu_mode}` publishes).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuSample {
     pub per_cpu: Vec<f64>,
     pub total: f64,
+    pub modes: Vec<cpu::ModeShares>,
 }
 
-/// Host memory in bytes (`used` = total − free − buffers − cached, as `free(1)` counts it).
+/// Host memory in bytes. `used` = total − available, as OpenTelemetry's
+/// `system.memory.usage{state="used"}` defines it (MemAvailable: what can be had
+/// without swapping); `free`, `cached` and `buffers` are the kernel's own figures, so
+/// the states overlap and need not add up to the total.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemorySample {
     pub total: u64,
@@ -106,7 +112,7 @@ pub struct MemorySample {
     pub buffers: u64,
 }
 
-pub use gpu::{GpuProcess, GpuSample};
+pub use gpu::{ClockReason, GpmFigures, GpuProcess, GpuSample};
 
 /// `mode` of a tree registered only for a job's resource window (a shared worker whose
 /// figures the pipeline gauges already count under its own registration).
@@ -134,8 +140,11 @@ pub struct TreeSample {
     pub rss_bytes: u64,
     /// Filled by the GPU source: memory the tree's processes hold on any GPU.
     pub gpu_memory_bytes: Option<u64>,
-    /// Filled by the GPU source: SM share of the tree's processes (max over GPUs, 0–1).
+    /// Filled by the GPU source: SM share of the tree's processes (max over GPUs, 0–1);
+    /// 0 when the driver reports per-process shares and the tree has none.
     pub gpu_util: Option<f64>,
+    /// Filled by the GPU source: the GPUs (indexes) the tree's processes are on.
+    pub gpus: Vec<u32>,
 }
 
 /// One sampling round. Sources that failed leave their part `None`.
@@ -196,7 +205,7 @@ impl CollectorHandle {
             inner: Arc::new(Shared {
                 trees: Mutex::default(),
                 next_key: AtomicU64::new(1),
-                ring: RwLock::new(Ring::new(capacity)),
+                ring: RwLock::new(Ring::new(capacity).with_interval(interval)),
                 has_sample: AtomicBool::new(false),
                 source_up: Mutex::default(),
                 interval,
@@ -376,7 +385,7 @@ pub fn publish(m: &Metrics, s: &Sample) {
     m.cpu.publish(s.cpu.as_ref());
     m.memory.publish(s.memory.as_ref());
     m.gpu.publish(s.gpus.as_deref());
-    m.pipeline.publish(&s.trees, s.gpus.is_some());
+    m.pipeline.publish(&s.trees, s.gpus.as_deref());
     if let Some(p) = &s.sidecar {
         m.set_self_process(p.clone());
     }
@@ -400,7 +409,7 @@ mod tests {
             let r = if self.results.is_empty() { Ok(0.5) } else { self.results.remove(0) };
             let v = r?;
             match self.name {
-                SourceName::Cpu => s.cpu = Some(CpuSample { per_cpu: vec![v, v], total: v }),
+                SourceName::Cpu => s.cpu = Some(CpuSample { per_cpu: vec![v, v], total: v, modes: vec![[v, 0.0, 0.0, 1.0 - v, 0.0, 0.0, 0.0]; 2] }),
                 SourceName::Memory => {
                     s.memory = Some(MemorySample { total: 100, used: (v * 100.0) as u64, free: 10, cached: 5, buffers: 1 })
                 }
@@ -415,9 +424,12 @@ mod tests {
                         index: 0,
                         uuid: "GPU-x".into(),
                         name: "Test GPU".into(),
+                        driver_version: Some("550.54.15".into()),
                         util_general: Some(v),
                         memory_used: Some(10),
                         memory_total: Some(100),
+                        energy_joules: Some(1500.0),
+                        clocks_event_reasons: Some(ClockReason::PowerCap.bit()),
                         ..Default::default()
                     }])
                 }
@@ -453,7 +465,7 @@ mod tests {
         assert!(metrics.render(false).1.contains("musetalk_collector_up{source=\"cpu\"} 0"));
         s.sample_once();
         assert!(metrics.render(false).1.contains("musetalk_collector_up{source=\"cpu\"} 1"));
-        assert!(metrics.render(false).1.contains("system_cpu_utilization_ratio{cpu=\"1\"} 0.4"));
+        assert!(metrics.render(false).1.contains("system_cpu_utilization_ratio{cpu_logical_number=\"1\",cpu_mode=\"user\"} 0.4"));
         assert_eq!(s.handle().source_health(), vec![(SourceName::Cpu, true), (SourceName::Gpu, false)]);
     }
 
@@ -468,10 +480,19 @@ mod tests {
         );
         s.sample_once();
         let text = metrics.render(false).1;
-        assert!(text.contains("hw_gpu_utilization_ratio{gpu=\"0\",hw_id=\"GPU-x\",hw_model=\"Test GPU\",hw_gpu_task=\"general\"} 0.7"), "{text}");
-        assert!(text.contains("hw_gpu_memory_limit_bytes{gpu=\"0\",hw_id=\"GPU-x\",hw_model=\"Test GPU\"} 100"), "{text}");
+        let l = "gpu=\"0\",hw_type=\"gpu\",hw_id=\"GPU-x\",hw_name=\"gpu0\",hw_model=\"Test GPU\",hw_vendor=\"nvidia\",hw_driver_version=\"550.54.15\"";
+        assert!(text.contains(&format!("hw_gpu_utilization_ratio{{{l},hw_gpu_task=\"general\"}} 0.7")), "{text}");
+        assert!(text.contains(&format!("hw_gpu_memory_limit_bytes{{{l}}} 100")), "{text}");
+        assert!(text.contains(&format!("hw_gpu_memory_utilization_ratio{{{l}}} 0.1")), "used / limit\n{text}");
+        assert!(text.contains(&format!("hw_energy_joules_total{{{l}}} 1500")), "{text}");
+        assert!(text.contains(&format!("musetalk_gpu_clocks_event_reasons{{{l},reason=\"power_cap\"}} 1")), "{text}");
+        assert!(text.contains(&format!("musetalk_gpu_clocks_event_reasons{{{l},reason=\"thermal\"}} 0")), "{text}");
+        assert!(!text.contains("hw_gpu_io_bytes_total{"), "PCIe not reported: absent, not 0\n{text}");
         s.sample_once();
-        assert!(!metrics.render(false).1.contains("hw_gpu_utilization_ratio{"));
+        let text = metrics.render(false).1;
+        for gone in ["hw_gpu_utilization_ratio{", "hw_energy_joules_total{", "musetalk_gpu_clocks_event_reasons{"] {
+            assert!(!text.contains(gone), "a lost GPU's series go: {gone}\n{text}");
+        }
     }
 
     #[test]

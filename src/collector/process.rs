@@ -33,6 +33,7 @@ pub struct PipelineFamilies {
     cpu: Family<ModeLabels, FGauge>,
     rss: Family<ModeLabels, FGauge>,
     gpu_memory: Family<ModeLabels, FGauge>,
+    gpu_util: Family<ModeLabels, FGauge>,
 }
 
 impl PipelineFamilies {
@@ -40,11 +41,15 @@ impl PipelineFamilies {
         r.register_with_unit("musetalk_pipeline_cpu_utilization", "CPU share (of all logical CPUs) used by the pipeline's process trees.", Unit::Other("ratio".into()), self.cpu.clone());
         r.register_with_unit("musetalk_pipeline_memory_rss", "Resident memory of the pipeline's process trees.", Unit::Bytes, self.rss.clone());
         r.register_with_unit("musetalk_pipeline_gpu_memory", "GPU memory used by the pipeline's process trees.", Unit::Bytes, self.gpu_memory.clone());
+        r.register_with_unit("musetalk_pipeline_gpu_utilization", "SM share used by the pipeline's process trees (NVML per-process utilization; summed over trees).", Unit::Other("ratio".into()), self.gpu_util.clone());
     }
 
-    /// Both modes always present (0 when idle); GPU memory only while a GPU is sampled
-    /// (absent, not 0, without one).
-    pub fn publish(&self, trees: &[super::TreeSample], gpu_sampled: bool) {
+    /// Both modes always present (0 when idle); GPU memory only while a GPU is sampled,
+    /// GPU utilization only while the driver reports per-process shares (absent, not 0,
+    /// without them).
+    pub fn publish(&self, trees: &[super::TreeSample], gpus: Option<&[super::GpuSample]>) {
+        let gpu_sampled = gpus.is_some();
+        let util_supported = gpus.is_some_and(|g| g.iter().any(|g| g.process_util_supported));
         for mode in Mode::ALL.map(Mode::as_str) {
             let (cpu, rss, gpu) = trees.iter().filter(|t| t.mode == mode).fold((0.0, 0u64, None::<u64>), |(c, r, g), t| {
                 (c + t.cpu_ratio, r + t.rss_bytes, match (g, t.gpu_memory_bytes) {
@@ -59,6 +64,12 @@ impl PipelineFamilies {
                 self.gpu_memory.get_or_create(&l).set(gpu.unwrap_or(0) as f64);
             } else {
                 self.gpu_memory.remove(&l);
+            }
+            if util_supported {
+                let util: f64 = trees.iter().filter(|t| t.mode == mode).filter_map(|t| t.gpu_util).sum();
+                self.gpu_util.get_or_create(&l).set(util.min(1.0));
+            } else {
+                self.gpu_util.remove(&l);
             }
         }
     }
@@ -198,7 +209,7 @@ impl ProcessSource {
             0.0
         };
         self.prev.insert(reg.key, (ticks.max(prev_ticks), now));
-        TreeSample { key: reg.key, mode: reg.mode, pids: alive, cpu_ratio, rss_bytes: rss, gpu_memory_bytes: None, gpu_util: None }
+        TreeSample { key: reg.key, mode: reg.mode, pids: alive, cpu_ratio, rss_bytes: rss, gpu_memory_bytes: None, gpu_util: None, gpus: Vec::new() }
     }
 }
 

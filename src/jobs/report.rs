@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::collector::insight::StageGpu;
 use crate::collector::{AvgPeak, Window};
 
 #[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
@@ -10,6 +11,18 @@ pub struct Timing {
     pub seconds: f64,
     /// Share of the job's total time (steps) or of the execution step (stages), 0–100.
     pub percent: f64,
+    /// Stages only, on a host with a GPU: the GPU figures of the stage's own window and
+    /// its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<StageGpu>,
+}
+
+/// The GPU energy a job used (the GPUs its pipeline ran on).
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct GpuEnergy {
+    pub joules: f64,
+    /// Joules per second of output video: what one second of lip-sync costs.
+    pub per_output_second: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
@@ -78,11 +91,13 @@ pub struct Report {
     pub files: Files,
     pub media: Media,
     pub resources: Window,
+    /// Absent without GPU data.
+    pub gpu_energy: Option<GpuEnergy>,
 }
 
 /// Fills `percent` from seconds against `total`.
 pub fn timings(items: &[(String, f64)], total: f64) -> Vec<Timing> {
-    items.iter().map(|(name, s)| Timing { name: name.clone(), seconds: *s, percent: if total > 0.0 { s / total * 100.0 } else { 0.0 } }).collect()
+    items.iter().map(|(name, s)| Timing { name: name.clone(), seconds: *s, percent: if total > 0.0 { s / total * 100.0 } else { 0.0 }, gpu: None }).collect()
 }
 
 /// The step with the largest share, and the slowest stage.
@@ -101,6 +116,10 @@ fn bytes(b: u64) -> String {
         i += 1;
     }
     if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+fn joules(j: f64) -> String {
+    if j >= 10_000.0 { format!("{:.1} kJ", j / 1000.0) } else { format!("{j:.1} J") }
 }
 
 fn bar(percent: f64, width: usize) -> String {
@@ -134,7 +153,33 @@ impl Report {
         if !self.stages.is_empty() {
             s.push_str("\nStages (share of execution)\n");
             for t in &self.stages {
-                s.push_str(&format!("  {:<26} {:>9.3} s {:>6.1}%  {}\n", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+                s.push_str(&format!("  {:<26} {:>9.3} s {:>6.1}%  {}", t.name, t.seconds, t.percent, bar(t.percent, 20)));
+                if let Some(g) = &t.gpu {
+                    s.push_str(&format!("  {}", g.verdict.as_str()));
+                }
+                s.push('\n');
+            }
+            if self.stages.iter().any(|t| t.gpu.is_some()) {
+                // The header uses the rows' own widths, so the columns line up.
+                s.push_str(&format!("\nGPU per stage{:<16}{:>5} / {:<4} {:>6}  {:>6}  {:>9} / {:<9} {:>6}  {:>8}  {}\n", "", "SM avg", "peak", "mem bw", "tensor", "PCIe rx", "tx", "power", "energy", "throttle"));
+                for t in &self.stages {
+                    let Some(g) = &t.gpu else { continue };
+                    let pct = |v: Option<f64>| v.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_else(|| "-".into());
+                    let b = |v: Option<f64>| v.map(|v| bytes(v as u64)).unwrap_or_else(|| "-".into());
+                    s.push_str(&format!(
+                        "  {:<26} {:>5} / {:<4} {:>6}  {:>6}  {:>9} / {:<9} {:>6}  {:>8}  {}\n",
+                        t.name,
+                        pct(Some(g.sm.avg)),
+                        pct(Some(g.sm.peak)),
+                        pct(g.memory_bandwidth.map(|m| m.avg)),
+                        pct(g.tensor_active.map(|m| m.avg)),
+                        b(g.pcie_rx_bytes),
+                        b(g.pcie_tx_bytes),
+                        g.power_watts.map(|p| format!("{p:.0} W")).unwrap_or_else(|| "-".into()),
+                        g.energy_joules.map(joules).unwrap_or_else(|| "-".into()),
+                        if g.throttle_reasons.is_empty() { "none".to_string() } else { g.throttle_reasons.join(",") },
+                    ));
+                }
             }
         }
         if let Some(b) = &self.bottleneck {
@@ -186,6 +231,13 @@ impl Report {
         for g in &r.gpus {
             s.push_str(&avg_peak(&format!("GPU {} utilization", g.index), &g.utilization, |v| format!("{:.1}%", v * 100.0)));
             s.push_str(&avg_peak(&format!("GPU {} memory", g.index), &g.memory_used_bytes, |v| bytes(v as u64)));
+        }
+        if let Some(e) = &self.gpu_energy {
+            s.push_str(&format!("  {:<26} {}", "GPU energy", joules(e.joules)));
+            if let Some(p) = e.per_output_second {
+                s.push_str(&format!(" ({} per output second)", joules(p)));
+            }
+            s.push('\n');
         }
         s
     }

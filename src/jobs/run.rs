@@ -18,6 +18,8 @@ use super::metrics::{ExitLabels, InputLabels, JobLabels, StageLabels, StepLabels
 use crate::metrics::{Metrics, ModeLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, JobInput, PipelineError, ProcessOutcome, RunOptions};
+use crate::collector::insight::{self, StageGpu};
+use crate::collector::CollectorHandle;
 use crate::telemetry;
 
 /// What the runner learns along the way, for the report and the metrics.
@@ -25,6 +27,8 @@ use crate::telemetry;
 struct Record {
     steps: Vec<(String, f64)>,
     stages: Vec<(String, f64)>,
+    /// Beside `stages`, one per stage: its GPU figures and verdict (none without a GPU).
+    stage_gpu: Vec<Option<StageGpu>>,
     queue_seconds: f64,
     outcome: Option<ProcessOutcome>,
     command: String,
@@ -110,6 +114,16 @@ fn record_step(m: &JobManager, job: &Job, rec: &mut Record, step: Step, secs: f6
     job.emit(JobEvent::StepEnd { step: step.as_str().into(), seconds: secs });
 }
 
+/// A stage that ended: its span stays open until the job's end, when the collector
+/// has the samples of its window and its GPU figures can go on it.
+struct EndedStage {
+    name: String,
+    seconds: f64,
+    start: SystemTime,
+    end: SystemTime,
+    span: opentelemetry::global::BoxedSpan,
+}
+
 /// Turns stage events into OpenTelemetry spans (with the events' own timestamps) under
 /// the step span, stage histograms with exemplars, progress and SSE events.
 struct StageRecorder<'a> {
@@ -118,8 +132,17 @@ struct StageRecorder<'a> {
     tracer: opentelemetry::global::BoxedTracer,
     parent: opentelemetry::Context,
     open: HashMap<String, (SystemTime, opentelemetry::global::BoxedSpan)>,
-    stages: Vec<(String, f64)>,
+    ended: Vec<EndedStage>,
     current: Option<String>,
+}
+
+/// A wall-clock instant as a monotonic one (the collector's ring is keyed by `Instant`).
+fn instant_of(t: SystemTime) -> Instant {
+    let now = (Instant::now(), SystemTime::now());
+    match now.1.duration_since(t) {
+        Ok(ago) => now.0.checked_sub(ago).unwrap_or(now.0),
+        Err(ahead) => now.0 + ahead.duration(),
+    }
 }
 
 impl<'a> StageRecorder<'a> {
@@ -130,7 +153,7 @@ impl<'a> StageRecorder<'a> {
             tracer: opentelemetry::global::tracer(telemetry::SCOPE),
             parent: step_span.context(),
             open: HashMap::new(),
-            stages: Vec::new(),
+            ended: Vec::new(),
             current: None,
         }
     }
@@ -150,11 +173,10 @@ impl<'a> StageRecorder<'a> {
     }
 
     fn end(&mut self, name: String, at: SystemTime) {
-        if let Some((t0, mut s)) = self.open.remove(&name) {
+        if let Some((t0, span)) = self.open.remove(&name) {
             let secs = at.duration_since(t0).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            s.end_with_timestamp(at);
             Metrics::observe_traced(&self.metrics.job.stage_duration, &StageLabels { mode: self.job.mode.as_str(), stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
-            self.stages.push((name.clone(), secs));
+            self.ended.push(EndedStage { name: name.clone(), seconds: secs, start: t0, end: at, span });
             self.job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
         }
     }
@@ -164,8 +186,10 @@ impl<'a> StageRecorder<'a> {
         self.job.emit(JobEvent::Progress { stage: self.current.clone(), done, total });
     }
 
-    /// Ends what is still open (a crash mid-stage) and returns the stage timings.
-    fn finish(mut self) -> Vec<(String, f64)> {
+    /// Ends what is still open (a crash mid-stage), puts each stage's GPU window on its
+    /// span and ends the spans at their own end times. Returns the stage timings and,
+    /// beside them, their GPU figures.
+    fn finish(mut self, collector: &CollectorHandle, tree: Option<u64>) -> (Vec<(String, f64)>, Vec<Option<StageGpu>>) {
         let now = SystemTime::now();
         let open: Vec<String> = self.open.keys().cloned().collect();
         for name in open {
@@ -174,8 +198,42 @@ impl<'a> StageRecorder<'a> {
             }
             self.end(name, now);
         }
-        self.stages
+        let mut timings = Vec::with_capacity(self.ended.len());
+        let mut gpus = Vec::with_capacity(self.ended.len());
+        for mut st in self.ended {
+            let gpu = insight::stage_gpu(&collector.window(instant_of(st.start), instant_of(st.end), tree));
+            if let Some(g) = &gpu {
+                stage_gpu_attributes(&mut st.span, g);
+            }
+            st.span.end_with_timestamp(st.end);
+            timings.push((st.name, st.seconds));
+            gpus.push(gpu);
+        }
+        (timings, gpus)
     }
+}
+
+/// A stage span's GPU attributes (`musetalk.gpu.*`).
+fn stage_gpu_attributes(span: &mut opentelemetry::global::BoxedSpan, g: &StageGpu) {
+    let mut kv = vec![
+        KeyValue::new("musetalk.gpu.verdict", g.verdict.as_str()),
+        KeyValue::new("musetalk.gpu.sm.avg", g.sm.avg),
+        KeyValue::new("musetalk.gpu.sm.peak", g.sm.peak),
+    ];
+    let opt = [
+        ("musetalk.gpu.memory_bandwidth.avg", g.memory_bandwidth.map(|m| m.avg)),
+        ("musetalk.gpu.tensor_active.avg", g.tensor_active.map(|m| m.avg)),
+        ("musetalk.gpu.pcie.receive_bytes", g.pcie_rx_bytes),
+        ("musetalk.gpu.pcie.transmit_bytes", g.pcie_tx_bytes),
+        ("musetalk.gpu.power.avg", g.power_watts),
+        ("musetalk.gpu.energy_joules", g.energy_joules),
+        ("musetalk.pipeline.cpu_cores", g.pipeline_cpu_cores),
+    ];
+    kv.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| KeyValue::new(k, v))));
+    if !g.throttle_reasons.is_empty() {
+        kv.push(KeyValue::new("musetalk.gpu.throttle_reasons", opentelemetry::Value::Array(opentelemetry::Array::String(g.throttle_reasons.iter().map(|r| r.clone().into()).collect()))));
+    }
+    span.set_attributes(kv);
 }
 
 /// `queue_wait`: its own span, until `acquire` gives a run slot (or the job is cancelled).
@@ -331,9 +389,9 @@ impl<'a> EngineRecorder<'a> {
     }
 
     fn finish(self, rec: &mut Record) {
-        rec.stages = self.stages.finish();
-        rec.exec_window = Some((self.started, Instant::now()));
         rec.tree_key = self.guard.as_ref().map(|g| g.key());
+        (rec.stages, rec.stage_gpu) = self.stages.finish(&self.collector, rec.tree_key);
+        rec.exec_window = Some((self.started, Instant::now()));
     }
 }
 
@@ -490,7 +548,14 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
     let steps = report::timings(&rec.steps, total);
     // Stage shares are of the step that ran them (subprocess_execution, inference, avatar_preparation).
     let exec_secs = rec.exec_window.map(|(a, b)| b.duration_since(a).as_secs_f64()).unwrap_or(0.0);
-    let stages = report::timings(&rec.stages, exec_secs);
+    let mut stages = report::timings(&rec.stages, exec_secs);
+    for (t, g) in stages.iter_mut().zip(&rec.stage_gpu) {
+        t.gpu = g.clone();
+    }
+    let gpu_energy = insight::energy_joules(&resources).map(|joules| report::GpuEnergy {
+        joules,
+        per_output_second: rec.output_seconds.filter(|o| *o > 0.0).map(|o| joules / o),
+    });
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
     let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
@@ -527,6 +592,7 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
             realtime_factor: rtf,
         },
         resources,
+        gpu_energy,
     }
 }
 
@@ -563,6 +629,12 @@ fn record_job_span(job: &Job, inputs: &JobInput, report: &Report) {
     set_ap("musetalk.resources.pipeline.gpu_memory", r.tree.as_ref().and_then(|t| t.gpu_memory));
     set_ap("musetalk.resources.gpu.utilization", r.gpus.first().and_then(|g| g.utilization));
     set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
+    if let Some(e) = &report.gpu_energy {
+        js.set_attribute("musetalk.gpu.energy_joules", e.joules);
+        if let Some(p) = e.per_output_second {
+            js.set_attribute("musetalk.gpu.energy_joules_per_output_second", p);
+        }
+    }
 }
 
 /// A finished job's metrics: the outcome counter, the job histogram with its exemplar,

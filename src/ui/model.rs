@@ -262,7 +262,7 @@ mod tests {
     use crate::collector::{GpuWindow, TreeWindow};
 
     fn t(name: &str, seconds: f64) -> Timing {
-        Timing { name: name.into(), seconds, percent: 0.0 }
+        Timing { name: name.into(), seconds, percent: 0.0, gpu: None }
     }
 
     #[test]
@@ -334,6 +334,7 @@ mod tests {
         let ap = |avg, peak| Some(AvgPeak { avg, peak, samples: 3 });
         let w = Window {
             samples: 3,
+            seconds: 1.5,
             cpu: ap(0.25, 0.5),
             cpu_count: Some(4),
             memory_used: ap(1024.0, 2048.0),
@@ -346,8 +347,9 @@ mod tests {
                 memory_total_bytes: Some(141 << 30),
                 temperature_celsius: ap(40.0, 55.0),
                 power_watts: None,
+                ..Default::default()
             }],
-            tree: Some(TreeWindow { cpu: AvgPeak { avg: 0.1, peak: 0.2, samples: 3 }, rss: AvgPeak { avg: 100.0, peak: 200.0, samples: 3 }, gpu_memory: None, gpu_util: None, max_processes: 2 }),
+            tree: Some(TreeWindow { cpu: AvgPeak { avg: 0.1, peak: 0.2, samples: 3 }, rss: AvgPeak { avg: 100.0, peak: 200.0, samples: 3 }, gpu_memory: None, gpu_util: None, max_processes: 2, gpus: vec![] }),
         };
         let rows = resource_rows(&w);
         let names: Vec<_> = rows.iter().map(|r| r.name.as_str()).collect();

@@ -230,7 +230,7 @@ mod tests {
     fn sample(wall: SystemTime, cpu: f64, gpu: Option<f64>) -> Arc<Sample> {
         let mut s = Sample::new(Instant::now());
         s.wall = wall;
-        s.cpu = Some(CpuSample { per_cpu: vec![cpu; 2], total: cpu });
+        s.cpu = Some(CpuSample { per_cpu: vec![cpu; 2], total: cpu, ..Default::default() });
         s.memory = Some(MemorySample { total: 1000, used: 250, ..Default::default() });
         s.trees = vec![
             TreeSample { key: 1, mode: "simple", cpu_ratio: 0.25, rss_bytes: 100, ..Default::default() },

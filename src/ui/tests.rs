@@ -26,7 +26,7 @@ fn samples(gpu: bool) -> Vec<Arc<Sample>> {
         .map(|i| {
             let mut s = Sample::new(Instant::now());
             s.wall = now - Duration::from_millis(500 * (20 - i));
-            s.cpu = Some(CpuSample { per_cpu: vec![0.3; 4], total: 0.1 + i as f64 / 40.0 });
+            s.cpu = Some(CpuSample { per_cpu: vec![0.3; 4], total: 0.1 + i as f64 / 40.0, ..Default::default() });
             s.memory = Some(MemorySample { total: 8 << 30, used: 3 << 30, ..Default::default() });
             if gpu {
                 s.gpus = Some(vec![GpuSample {
@@ -45,7 +45,7 @@ fn samples(gpu: bool) -> Vec<Arc<Sample>> {
 }
 
 fn t(name: &str, seconds: f64, percent: f64) -> Timing {
-    Timing { name: name.into(), seconds, percent }
+    Timing { name: name.into(), seconds, percent, gpu: None }
 }
 
 fn job(id: &str, state: JobState) -> JobView {

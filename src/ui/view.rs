@@ -426,17 +426,32 @@ pub fn job_section(j: &JobView) -> Markup {
 }
 
 fn timing_table(caption: &str, share: &str, rows: &[Timing]) -> Markup {
+    // Stages on a GPU host carry their window's GPU figures and a verdict (README "GPU verdicts").
+    let gpu = rows.iter().any(|t| t.gpu.is_some());
     html! {
         div.table-wrap role="region" aria-label=(caption) tabindex="0" {
             table.timings {
                 caption { (caption) }
-                thead { tr { th scope="col" { "Name" } th scope="col" { "Time" } th scope="col" { "Share" } } }
+                thead { tr {
+                    th scope="col" { "Name" } th scope="col" { "Time" } th scope="col" { "Share" }
+                    @if gpu { th scope="col" { "GPU SM avg" } th scope="col" { "Energy" } th scope="col" { "Verdict" } }
+                } }
                 tbody {
                     @for t in rows {
                         tr data-timing=(t.name) {
                             th scope="row" { (t.name) }
                             td.num { (secs(t.seconds)) }
                             td.num { @if t.percent > 0.0 { (pct(t.percent)) } @else { "–" } }
+                            @if gpu {
+                                @match &t.gpu {
+                                    Some(g) => {
+                                        td.num { (pct(g.sm.avg * 100.0)) }
+                                        td.num { @if let Some(j) = g.energy_joules { (format!("{j:.1} J")) } @else { "–" } }
+                                        td { span.verdict data-verdict=(g.verdict.as_str()) title=(verdict_title(g)) { (g.verdict.as_str()) } }
+                                    }
+                                    None => { td.num { "–" } td.num { "–" } td { "–" } }
+                                }
+                            }
                         }
                     }
                 }
@@ -444,6 +459,21 @@ fn timing_table(caption: &str, share: &str, rows: &[Timing]) -> Markup {
             p.sub { "Share: " (share) "." }
         }
     }
+}
+
+/// The figures behind a verdict, as its tooltip.
+fn verdict_title(g: &crate::collector::insight::StageGpu) -> String {
+    let mut t = format!("SM {:.0}% avg, {:.0}% peak", g.sm.avg * 100.0, g.sm.peak * 100.0);
+    if let Some(m) = g.memory_bandwidth {
+        t.push_str(&format!("; memory bandwidth {:.0}%", m.avg * 100.0));
+    }
+    if let Some(c) = g.pipeline_cpu_cores {
+        t.push_str(&format!("; pipeline CPU {c:.2} cores"));
+    }
+    if !g.throttle_reasons.is_empty() {
+        t.push_str(&format!("; throttled by {}", g.throttle_reasons.join(", ")));
+    }
+    t
 }
 
 fn resource_row(r: &ResourceRow) -> Markup {
