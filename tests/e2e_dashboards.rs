@@ -57,14 +57,14 @@ const SYNTHETIC_SERIES: &[&str] = &["up"];
 /// Why a panel may legitimately return no data on the machine running the test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Gate {
-    /// `hw_*` and `musetalk_pipeline_gpu_memory_bytes` exist only where NVML loads (an
-    /// NVIDIA GPU and driver). Open when `musetalk_collector_up{source="gpu"}` is 1.
+    /// `hw_*`, `musetalk_gpu_*` and `musetalk_pipeline_gpu_*` exist only where NVML loads
+    /// (an NVIDIA GPU and driver). Open when `musetalk_collector_up{source="gpu"}` is 1.
     Gpu,
 }
 
 /// The metric families behind each gate.
 fn gate_of(metric: &str) -> Option<Gate> {
-    if metric.starts_with("hw_") || metric == "musetalk_pipeline_gpu_memory_bytes" {
+    if metric.starts_with("hw_") || metric.starts_with("musetalk_gpu_") || metric.starts_with("musetalk_pipeline_gpu_") {
         Some(Gate::Gpu)
     } else {
         None
@@ -92,6 +92,12 @@ const NO_DATA_EXCEPTIONS: &[(&str, &str, Gate)] = &[
     ("musetalk-resources", "GPU temperature", Gate::Gpu),
     ("musetalk-resources", "GPU power", Gate::Gpu),
     ("musetalk-resources", "Pipeline GPU memory", Gate::Gpu),
+    ("musetalk-resources", "GPU: why busy (SM active, tensor, DRAM and memory bandwidth)", Gate::Gpu),
+    ("musetalk-resources", "GPU PCIe throughput", Gate::Gpu),
+    ("musetalk-resources", "GPU clocks and clock-event reasons", Gate::Gpu),
+    ("musetalk-resources", "GPU energy and power limit", Gate::Gpu),
+    ("musetalk-resources", "GPU memory used (share of total) and ECC errors", Gate::Gpu),
+    ("musetalk-resources", "Pipeline SM share", Gate::Gpu),
 ];
 
 /// Dashboard variables whose query may return nothing while the gate is closed.
