@@ -226,7 +226,15 @@ async fn every_bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
     // One log line per refusal: its code, route and client address; never the upload.
-    let refusals: Vec<Value> = svc.log_records().into_iter().filter(|r| r["fields"]["message"].as_str().is_some_and(|m| m.starts_with("request refused"))).collect();
+    // The line is written as the response goes out: the client may have the last
+    // response a moment before the log has its line, so wait (bounded) for it.
+    let refused = || svc.log_records().into_iter().filter(|r| r["fields"]["message"].as_str().is_some_and(|m| m.starts_with("request refused"))).collect::<Vec<Value>>();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut refusals = refused();
+    while refusals.len() < cases.len() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        refusals = refused();
+    }
     assert_eq!(refusals.len(), cases.len(), "one line per refused request:\n{}", svc.logs());
     for (r, c) in refusals.iter().zip(&cases) {
         assert_eq!(r["fields"]["code"], c.code, "{r}");
