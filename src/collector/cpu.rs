@@ -98,7 +98,8 @@ impl CpuSource {
 /// Share of each mode between two readings (each 0–1, summing to 1); all zero when no
 /// time passed. A counter that went backwards (CPU hot-unplug) counts as no time.
 pub fn shares(prev: &ModeJiffies, now: &ModeJiffies) -> ModeShares {
-    let d: Vec<u64> = now.iter().zip(prev).map(|(n, p)| n.saturating_sub(*p)).collect();
+    // An array, not a Vec: this runs for every CPU on every sample.
+    let d: ModeJiffies = std::array::from_fn(|i| now[i].saturating_sub(prev[i]));
     let total: u64 = d.iter().sum();
     let mut out = [0.0; 7];
     if total > 0 {

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::{AvgPeak, Window};
+use super::{AvgPeak, GpuWindow, Window};
 
 /// Why a stage took its time, from its GPU and pipeline-CPU figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -111,14 +111,19 @@ pub struct StageGpu {
     pub verdict: Verdict,
 }
 
+/// The GPUs the window's pipeline tree was seen on; all of them when unknown.
+fn pipeline_gpus(w: &Window) -> impl Iterator<Item = &GpuWindow> {
+    let tree_gpus = w.tree.as_ref().map(|t| t.gpus.as_slice()).unwrap_or(&[]);
+    w.gpus.iter().filter(move |g| tree_gpus.is_empty() || tree_gpus.contains(&g.index))
+}
+
 /// The stage figures of `w`, or `None` without GPU data.
 pub fn stage_gpu(w: &Window) -> Option<StageGpu> {
-    let tree_gpus = w.tree.as_ref().map(|t| t.gpus.as_slice()).unwrap_or(&[]);
-    let gpus: Vec<_> = w.gpus.iter().filter(|g| tree_gpus.is_empty() || tree_gpus.contains(&g.index)).collect();
-    let busiest = |get: &dyn Fn(&super::GpuWindow) -> Option<AvgPeak>| gpus.iter().filter_map(|g| get(g)).max_by(|a, b| a.avg.total_cmp(&b.avg));
+    let gpus: Vec<&GpuWindow> = pipeline_gpus(w).collect();
+    let busiest = |get: &dyn Fn(&GpuWindow) -> Option<AvgPeak>| gpus.iter().filter_map(|g| get(g)).max_by(|a, b| a.avg.total_cmp(&b.avg));
     let sm = busiest(&|g| g.sm_active.or(g.utilization))?;
     let memory_bandwidth = busiest(&|g| g.dram_bandwidth.or(g.memory_bandwidth));
-    let sum = |get: &dyn Fn(&super::GpuWindow) -> Option<f64>| gpus.iter().filter_map(|g| get(g)).fold(None, |acc: Option<f64>, v| Some(acc.unwrap_or(0.0) + v));
+    let sum = |get: &dyn Fn(&GpuWindow) -> Option<f64>| gpus.iter().filter_map(|g| get(g)).fold(None, |acc: Option<f64>, v| Some(acc.unwrap_or(0.0) + v));
     let pcie = gpus
         .iter()
         .filter_map(|g| {
@@ -157,14 +162,13 @@ pub fn stage_gpu(w: &Window) -> Option<StageGpu> {
 
 /// Energy of a whole window over the GPUs its pipeline ran on (all GPUs when unknown).
 pub fn energy_joules(w: &Window) -> Option<f64> {
-    let tree_gpus = w.tree.as_ref().map(|t| t.gpus.as_slice()).unwrap_or(&[]);
-    w.gpus.iter().filter(|g| tree_gpus.is_empty() || tree_gpus.contains(&g.index)).filter_map(|g| g.energy_joules).fold(None, |acc, v| Some(acc.unwrap_or(0.0) + v))
+    pipeline_gpus(w).filter_map(|g| g.energy_joules).fold(None, |acc, v| Some(acc.unwrap_or(0.0) + v))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collector::{GpuWindow, TreeWindow};
+    use crate::collector::TreeWindow;
 
     fn v(sm: f64) -> VerdictInputs {
         VerdictInputs { sm, ..Default::default() }

@@ -206,7 +206,7 @@ impl Ring {
         // Samples are in time order: binary-search the ends instead of scanning.
         let start = self.buf.partition_point(|s| s.at < from);
         let end = self.buf.partition_point(|s| s.at <= to).max(start);
-        let mut w = Window { seconds: to.saturating_duration_since(from).as_secs_f64(), ..Window::default() };
+        let mut w = Window { samples: end - start, seconds: to.saturating_duration_since(from).as_secs_f64(), ..Window::default() };
         let inside: Vec<&Arc<Sample>> = if start < end {
             self.buf.range(start..end).collect()
         } else {
@@ -220,7 +220,6 @@ impl Ring {
         let mut tree_gpus: Vec<u32> = Vec::new();
         let mut gpus: Vec<GpuAcc> = Vec::new();
         for s in &inside {
-            w.samples += (s.at >= from && s.at <= to) as usize;
             if let Some(c) = &s.cpu {
                 cpu.add(c.total);
                 w.cpu_count = Some(c.per_cpu.len());

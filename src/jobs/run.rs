@@ -136,15 +136,6 @@ struct StageRecorder<'a> {
     current: Option<String>,
 }
 
-/// A wall-clock instant as a monotonic one (the collector's ring is keyed by `Instant`).
-fn instant_of(t: SystemTime) -> Instant {
-    let now = (Instant::now(), SystemTime::now());
-    match now.1.duration_since(t) {
-        Ok(ago) => now.0.checked_sub(ago).unwrap_or(now.0),
-        Err(ahead) => now.0 + ahead.duration(),
-    }
-}
-
 impl<'a> StageRecorder<'a> {
     fn new(job: &'a Job, metrics: Arc<Metrics>, step_span: &tracing::Span) -> Self {
         StageRecorder {
@@ -198,10 +189,11 @@ impl<'a> StageRecorder<'a> {
             }
             self.end(name, now);
         }
+        let clock = pipeline::Clock::now();
         let mut timings = Vec::with_capacity(self.ended.len());
         let mut gpus = Vec::with_capacity(self.ended.len());
         for mut st in self.ended {
-            let gpu = insight::stage_gpu(&collector.window(instant_of(st.start), instant_of(st.end), tree));
+            let gpu = insight::stage_gpu(&collector.window(clock.to_instant(st.start), clock.to_instant(st.end), tree));
             if let Some(g) = &gpu {
                 stage_gpu_attributes(&mut st.span, g);
             }

@@ -165,6 +165,15 @@ impl Clock {
     pub fn to_system(&self, at: std::time::Instant) -> std::time::SystemTime {
         if at >= self.mono { self.sys + (at - self.mono) } else { self.sys - (self.mono - at) }
     }
+
+    /// The inverse: a wall-clock time (an event's timestamp) as an instant, for the
+    /// collector's ring, which is keyed by `Instant`.
+    pub fn to_instant(&self, at: std::time::SystemTime) -> std::time::Instant {
+        match self.sys.duration_since(at) {
+            Ok(ago) => self.mono.checked_sub(ago).unwrap_or(self.mono),
+            Err(ahead) => self.mono + ahead.duration(),
+        }
+    }
 }
 
 /// Default exit-code rule for pipelines that don't report success otherwise.
@@ -182,5 +191,20 @@ pub(crate) fn require_output(path: &Path) -> Result<PathBuf, PipelineError> {
         Ok(m) if m.is_file() && m.len() > 0 => Ok(path.to_path_buf()),
         Ok(_) => Err(PipelineError::Output(format!("{} is empty or not a file", path.display()))),
         Err(e) => Err(PipelineError::Output(format!("{} not found: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Clock;
+    use std::time::Duration;
+
+    #[test]
+    fn clock_maps_both_ways_against_one_anchor() {
+        let c = Clock::now();
+        let later = c.mono + Duration::from_millis(1500);
+        let earlier = c.mono - Duration::from_millis(250);
+        assert_eq!(c.to_instant(c.to_system(later)), later);
+        assert_eq!(c.to_instant(c.to_system(earlier)), earlier);
     }
 }
