@@ -6,9 +6,8 @@
 //! realtime mode, with the OTLP receiver taking the spans), and then **every panel query
 //! of every dashboard** is evaluated through Prometheus' HTTP API with the Grafana
 //! variables substituted (mode `simple`, mode `realtime`, and All). A panel whose query
-//! returns nothing fails the test, unless it is listed in [`NO_DATA_EXCEPTIONS`] (the GPU
-//! families, which have no series without an NVIDIA GPU), and even those must be valid
-//! PromQL and must return data as soon as the machine has a GPU.
+//! returns nothing fails the test, GPU panels included: the service loads the fake
+//! `libnvidia-ml.so.1` (tests/common/nvml.rs), so the whole GPU path runs without a GPU.
 //!
 //! Needs `prometheus`, `promtool`, `ffmpeg`, `ffprobe` and `python3` with PyYAML
 //! (scripts/test.sh installs them). One service and one Prometheus; about 30 s.
@@ -23,6 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::media::{HeldUpload, file_part, hold_upload};
+use common::nvml::{FakeNvml, H100};
 use common::otlp::OtlpReceiver;
 use common::prometheus::promtool;
 use common::service::{Service, ServiceBuilder};
@@ -52,64 +52,13 @@ const TRACED_FAMILIES: &[&str] = &[
 const SYNTHETIC_SERIES: &[&str] = &["up"];
 
 // ---------------------------------------------------------------------------------------
-// The documented exceptions to "every panel returns data".
+// The GPU: the fake NVML (tests/fixtures/fake_nvml) stands in for the driver, so every
+// GPU panel must return data like any other; there are no exceptions to "every panel
+// returns data".
 
-/// Why a panel may legitimately return no data on the machine running the test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Gate {
-    /// `hw_*`, `musetalk_gpu_*` and `musetalk_pipeline_gpu_*` exist only where NVML loads
-    /// (an NVIDIA GPU and driver). Open when `musetalk_collector_up{source="gpu"}` is 1.
-    Gpu,
-}
-
-/// The metric families behind each gate.
-fn gate_of(metric: &str) -> Option<Gate> {
-    if metric.starts_with("hw_") || metric.starts_with("musetalk_gpu_") || metric.starts_with("musetalk_pipeline_gpu_") {
-        Some(Gate::Gpu)
-    } else {
-        None
-    }
-}
-
-/// `(dashboard uid, panel title, gate)`: the ONLY panels allowed to return no data, and
-/// only while their gate is closed. Every query of such a panel must use a family of its
-/// gate (checked), and every entry must name an existing panel (checked), so a new panel
-/// cannot slip in without data: add it here only if it is about GPUs. (Realtime workers
-/// are not exempt: the test runs one, so `musetalk_worker_*` panels must return data.)
-const NO_DATA_EXCEPTIONS: &[(&str, &str, Gate)] = &[
-    ("musetalk-overview", "GPU busy (general engine)", Gate::Gpu),
-    (
-        "musetalk-overview",
-        "GPU memory used (share of limit)",
-        Gate::Gpu,
-    ),
-    (
-        "musetalk-resources",
-        "GPU utilization: general / encoder / decoder",
-        Gate::Gpu,
-    ),
-    ("musetalk-resources", "GPU memory used and limit", Gate::Gpu),
-    ("musetalk-resources", "GPU temperature", Gate::Gpu),
-    ("musetalk-resources", "GPU power", Gate::Gpu),
-    ("musetalk-resources", "Pipeline GPU memory", Gate::Gpu),
-    ("musetalk-resources", "GPU: why busy (SM active, tensor, DRAM and memory bandwidth)", Gate::Gpu),
-    ("musetalk-resources", "GPU PCIe throughput", Gate::Gpu),
-    ("musetalk-resources", "GPU clocks and clock-event reasons", Gate::Gpu),
-    ("musetalk-resources", "GPU energy and power limit", Gate::Gpu),
-    ("musetalk-resources", "GPU memory used (share of total) and ECC errors", Gate::Gpu),
-    ("musetalk-resources", "Pipeline SM share", Gate::Gpu),
-];
-
-/// Dashboard variables whose query may return nothing while the gate is closed.
-const VARIABLE_EXCEPTIONS: &[(&str, Gate)] = &[("gpu", Gate::Gpu)];
-
-/// The gate under which a panel may return no data, if it is a listed exception.
-fn exception_of(uid: &str, title: &str) -> Option<Gate> {
-    NO_DATA_EXCEPTIONS
-        .iter()
-        .find(|(u, t, _)| *u == uid && *t == title)
-        .map(|(_, _, g)| *g)
-}
+/// The fake's processes: the fixture MuseTalk run and the fixture worker, matched by
+/// command line, so both modes' pipeline trees hold GPU memory and SM share.
+const PIPELINE_GPU_PROCS: &str = "process 0 cmdline=scripts.inference exe=python mem=2147483648 sm=71\nprocess 0 cmdline=fixture_worker.py exe=python mem=3221225472 sm=5";
 
 // ---------------------------------------------------------------------------------------
 // Dashboards.
@@ -701,23 +650,6 @@ fn dashboards_are_well_formed() {
             );
         }
     }
-    for (uid, title, gate) in NO_DATA_EXCEPTIONS {
-        let d = ds.iter().find(|d| d.uid == *uid).unwrap_or_else(|| {
-            panic!("NO_DATA_EXCEPTIONS names dashboard {uid}, which does not exist")
-        });
-        let ps = panels(d);
-        let p = ps.iter().find(|p| p.title == *title).unwrap_or_else(|| panic!("NO_DATA_EXCEPTIONS names panel {title:?} of {uid}, which does not exist: remove the entry"));
-        for t in &p.targets {
-            assert!(
-                selectors(&t.expr)
-                    .iter()
-                    .any(|s| gate_of(&s.metric) == Some(*gate)),
-                "{uid} / {title}: listed as a {gate:?} exception, but query {} uses no {gate:?} family: `{}`",
-                t.ref_id,
-                t.expr
-            );
-        }
-    }
 }
 
 #[test]
@@ -1275,7 +1207,8 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
     // Realtime: one persistent fixture worker that crashes on its first infer (a failed
     // realtime job and a worker restart), then serves.
     let worker_state = tempfile::tempdir().unwrap();
-    let svc = ServiceBuilder::new()
+    let nvml = FakeNvml::new(&H100.replace("{procs}", PIPELINE_GPU_PROCS));
+    let svc = nvml.apply(ServiceBuilder::new())
         .args(["--backend", "musetalk", "--musetalk-python", "python3"])
         .arg("--musetalk-dir")
         .arg(&fixture)
@@ -1402,14 +1335,13 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
     )
     .await;
 
-    // What this machine has: an NVIDIA GPU?
-    let gpu_open = prom
-        .value(r#"max(musetalk_collector_up{source="gpu"})"#)
-        .await
-        == Some(1.0);
-    let open = |g: Gate| match g {
-        Gate::Gpu => gpu_open,
-    };
+    // The GPU source read the fake NVML.
+    assert_eq!(
+        prom.value(r#"max(musetalk_collector_up{source="gpu"})"#).await,
+        Some(1.0),
+        "the GPU source did not load the fake NVML; logs:\n{}",
+        svc.logs()
+    );
 
     let metrics_text = svc.metrics_text().await;
     let exposed = exposed_names(&metrics_text);
@@ -1472,20 +1404,21 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
                 .or_insert_with(|| format!("alert {name}"));
         }
     }
+    // ... and is in README.md's metrics reference, GPU families included.
+    for (metric, at) in &used {
+        assert!(
+            SYNTHETIC_SERIES.contains(&metric.as_str()) || documented.contains(metric) || documented.contains(base_name(metric)),
+            "{at} uses `{metric}`, which README.md's metrics reference does not list"
+        );
+    }
     for (metric, at) in &used {
         if exposed.contains(metric) || SYNTHETIC_SERIES.contains(&metric.as_str()) {
             continue;
         }
-        match gate_of(metric) {
-            Some(g) if !open(g) => assert!(
-                documented.contains(metric) || documented.contains(base_name(metric)),
-                "{at} uses `{metric}`: not on /metrics (no {g:?} here) and not in README.md's metrics reference either"
-            ),
-            _ => panic!(
-                "{at} uses `{metric}`, which is not on /metrics after real jobs:\n{}",
-                exposed.iter().cloned().collect::<Vec<_>>().join("\n")
-            ),
-        }
+        panic!(
+            "{at} uses `{metric}`, which is not on /metrics after real jobs:\n{}",
+            exposed.iter().cloned().collect::<Vec<_>>().join("\n")
+        );
     }
 
     // ---- Every panel query returns data (variables substituted two ways: one instance
@@ -1495,10 +1428,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
         mode: "simple".into(),
         gpu: ".*".into(),
     };
-    let eval = evaluate_dashboards(&prom, &ds, &instance, &|uid, panel| {
-        exception_of(uid, &panel.title).filter(|g| !open(*g)).map(|g| format!("{g:?}"))
-    }, &|name| VARIABLE_EXCEPTIONS.iter().find(|(n, _)| *n == name).filter(|(_, g)| !open(*g)).map(|(_, g)| format!("{g:?}")))
-    .await;
+    let eval = evaluate_dashboards(&prom, &ds, &instance, &|_, _| None, &|_| None).await;
     eval.assert_clean(&prom);
 
     // ---- Exemplars: Prometheus stored the scraped exemplars, Grafana's exemplar query of
@@ -1637,7 +1567,8 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
     let m = media();
-    let svc = ServiceBuilder::new()
+    let nvml = FakeNvml::new(&H100.replace("{procs}", ""));
+    let svc = nvml.apply(ServiceBuilder::new())
         .args(["--sample-interval", "200ms"])
         .start()
         .await;
@@ -1688,10 +1619,6 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
     )
     .await;
 
-    let gpu_open = prom
-        .value(r#"max(musetalk_collector_up{source="gpu"})"#)
-        .await
-        == Some(1.0);
     // A panel about workers: every family it reads is `musetalk_worker_*`.
     let about_workers = |p: &Panel| {
         p.targets.iter().all(|t| {
@@ -1704,16 +1631,14 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
         &prom,
         &dashboards(),
         &instance,
-        &|uid, p| {
-            if exception_of(uid, &p.title).is_some() && !gpu_open {
-                Some("no GPU here".into())
-            } else if about_workers(p) {
+        &|_, p| {
+            if about_workers(p) {
                 Some("no realtime worker configured".into())
             } else {
                 None
             }
         },
-        &|name| (name == "gpu" && !gpu_open).then(|| "no GPU here".into()),
+        &|_| None,
     )
     .await;
     eval.assert_clean(&prom);

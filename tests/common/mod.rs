@@ -1,4 +1,5 @@
 pub mod media;
+pub mod nvml;
 pub mod otlp;
 pub mod prometheus;
 pub mod service;
