@@ -10,6 +10,8 @@
 #   curl          curl (the README's quick start, which tests/e2e_quickstart.rs runs as written)
 #   chromium      chromium, chromedriver (packages chromium, chromium-driver: the
 #                 status page's real-browser test drives headless Chromium over WebDriver)
+#   py-spy        py-spy (per-job Python profiles): not a Debian package, so installed
+#                 from PyPI with `python3 -m pip install py-spy` (its wheel carries the binary)
 # Missing ones are installed with apt-get when running as root; otherwise the exact
 # command to run is printed and the script exits 1.
 set -euo pipefail
@@ -23,6 +25,7 @@ have() {
         python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
         chromium) command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 ;;
         curl) command -v curl >/dev/null 2>&1 ;;
+        py-spy) command -v py-spy >/dev/null 2>&1 ;;
         *) printf 'ensure-deps: unknown component %s\n' "$1" >&2; exit 2 ;;
     esac
 }
@@ -39,6 +42,29 @@ missing=()
 for pkg in "$@"; do
     have "$pkg" || missing+=("$pkg")
 done
+
+# py-spy comes from PyPI, not apt: install it first, then go on with the Debian packages.
+if [[ " ${missing[*]-} " == *" py-spy "* ]]; then
+    pip_cmd="python3 -m pip install py-spy"
+    if ! command -v python3 >/dev/null 2>&1; then
+        printf 'missing: py-spy; install Python 3 and then run: %s\n' "$pip_cmd" >&2
+        exit 1
+    fi
+    say "installing py-spy (pip)"
+    # A Debian system Python refuses pip without --break-system-packages (PEP 668); py-spy
+    # is a standalone binary in its wheel, so it breaks nothing there.
+    python3 -m pip install -q py-spy >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages py-spy >/dev/null 2>&1 || true
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1
+    if ! have py-spy; then
+        printf 'py-spy is still not on PATH after pip; run: %s (and put its bin directory on PATH)\n' "$pip_cmd" >&2
+        exit 1
+    fi
+    rest=()
+    for pkg in "${missing[@]}"; do
+        [ "$pkg" = py-spy ] || rest+=("$pkg")
+    done
+    missing=("${rest[@]+"${rest[@]}"}")
+fi
 if [ ${#missing[@]} -eq 0 ]; then
     say "system tools present: $*"
     exit 0

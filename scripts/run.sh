@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-deps.sh ffmpeg
+# py-spy is optional (per-job Python profiles): the service runs without it and says why.
+scripts/ensure-deps.sh py-spy || printf '==> py-spy not installed: jobs run without profiles\n'
 exec cargo run --release -- serve "$@"

@@ -5,8 +5,9 @@
 #
 # On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe,
 # prometheus, promtool, python3-yaml, chromium and chromedriver for the status page's
-# browser test, curl for the README's quick start) are installed when running as root; otherwise
-# the command to install them is printed.
+# browser test, curl for the README's quick start, py-spy for the profiling tests) are
+# installed when running as root (py-spy with pip); otherwise the command to install them
+# is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 say "checking system tools"
-scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium curl
+scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium curl py-spy
 
 say "cargo test --all-targets $*"
 status=0

@@ -155,6 +155,18 @@ pub struct Config {
     #[arg(long, env = "MUSETALK_SIDECAR_FFPROBE", default_value = "ffprobe")]
     pub ffprobe: PathBuf,
 
+    /// py-spy executable, for per-job Python profiles (`profile=true`, `--profile-ratio`).
+    #[arg(long = "py-spy", env = "MUSETALK_SIDECAR_PY_SPY", default_value = "py-spy")]
+    pub py_spy: PathBuf,
+
+    /// Share of inference and speak jobs profiled without asking (0 = only on request, 1 = all).
+    #[arg(long, env = "MUSETALK_SIDECAR_PROFILE_RATIO", default_value_t = 0.0)]
+    pub profile_ratio: f64,
+
+    /// py-spy samples per second while profiling a job.
+    #[arg(long, env = "MUSETALK_SIDECAR_PROFILE_RATE", default_value_t = 100)]
+    pub profile_rate: u32,
+
     /// Jobs that run at once; the rest wait in the admission queue.
     #[arg(long, env = "MUSETALK_SIDECAR_MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: usize,
@@ -293,6 +305,12 @@ impl Config {
         if self.max_upload_bytes == 0 {
             return invalid("max-upload-bytes", "must be greater than zero");
         }
+        if !(0.0..=1.0).contains(&self.profile_ratio) {
+            return invalid("profile-ratio", "must be from 0 to 1 (the share of jobs profiled)");
+        }
+        if !(1..=1000).contains(&self.profile_rate) {
+            return invalid("profile-rate", "must be from 1 to 1000 samples per second");
+        }
         for kv in &self.pipeline_env {
             match kv.split_once('=') {
                 Some((k, _)) if !k.is_empty() && !k.contains('\0') => {}
@@ -363,6 +381,7 @@ impl Config {
         self.musetalk_worker_script = abs(&self.musetalk_worker_script);
         self.ffmpeg = PathBuf::from(program(&self.ffmpeg.display().to_string()));
         self.ffprobe = PathBuf::from(program(&self.ffprobe.display().to_string()));
+        self.py_spy = PathBuf::from(program(&self.py_spy.display().to_string()));
         self.auth_token_file = self.auth_token_file.as_deref().map(abs);
         // The program of an argv template (validated above, so it splits).
         let with_program = |cmd: &str| -> String {
@@ -505,6 +524,8 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--max-concurrent-jobs", "0"], "max-concurrent-jobs"),
             (&["--sample-interval", "1ms"], "sample-interval"),
+            (&["--profile-ratio", "1.5"], "profile-ratio"),
+            (&["--profile-rate", "0"], "profile-rate"),
             (&["--backend", "musetalk"], "musetalk-dir"),
             (&["--backend", "command"], "pipeline-command"),
             (&["--backend", "command", "--pipeline-command", "cp {video} /tmp/x"], "{output}"),

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod mode;
 pub mod pipeline;
+pub mod profile;
 pub mod telemetry;
 pub mod ui;
 

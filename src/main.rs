@@ -14,5 +14,6 @@ fn main() -> ExitCode {
         Some(Command::Report(args)) => cli::report::main(args),
         Some(Command::Check(args)) => cli::check::main(args, &sub("check")),
         Some(Command::PreviewRender(r)) => musetalk_sidecar::pipeline::preview::render(r),
+        Some(Command::ExitStatus(a)) => musetalk_sidecar::profile::exit_status_main(a),
     }
 }

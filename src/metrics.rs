@@ -197,6 +197,8 @@ pub struct Metrics {
     pub pipeline: crate::collector::process::PipelineFamilies,
     /// Collector health (`collector/mod.rs`).
     pub collector: crate::collector::CollectorFamilies,
+    /// Python profiles of jobs (`profile/mod.rs`).
+    pub profile: crate::profile::ProfileFamilies,
     // The sidecar itself.
     self_process: Arc<Mutex<Option<SelfProcess>>>,
 }
@@ -227,7 +229,8 @@ impl Metrics {
         memory.register(&mut r);
         pipeline.register(&mut r);
         let collector = crate::collector::CollectorFamilies::new(&mut r);
-        let m = Metrics { job, worker, http, cpu, memory, gpu, pipeline, collector, self_process: Arc::default(), registry: Registry::default() };
+        let profile = crate::profile::ProfileFamilies::new(&mut r);
+        let m = Metrics { job, worker, http, cpu, memory, gpu, pipeline, collector, profile, self_process: Arc::default(), registry: Registry::default() };
         r.register(
             "musetalk_sidecar_build",
             "Build information of the sidecar.",

@@ -631,6 +631,7 @@ fn succeeded_report() -> Report {
             tree: Some(TreeWindow { cpu: AvgPeak { avg: 0.48, peak: 0.99, samples: 8 }, rss: AvgPeak { avg: 14.2e6, peak: 30.1e6, samples: 8 }, gpu_memory: None, gpu_util: None, max_processes: 1, gpus: vec![] }),
         },
         gpu_energy: None,
+        profile: None,
     }
 }
 

@@ -48,6 +48,9 @@ pub struct SpeakForm {
     /// MuseTalk `--batch_size`, 1…256.
     #[schema(required = false, minimum = 1, maximum = 256)]
     pub batch_size: u32,
+    /// `true`: take a Python profile of this job with py-spy (`GET /v1/jobs/{id}/profile`). Default `false`.
+    #[schema(required = false, value_type = String, pattern = "^(true|false|1|0)$")]
+    pub profile: String,
 }
 
 /// `POST /v1/avatars`: the avatar (in `preparing`) and its preparation job.
@@ -200,6 +203,7 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
         return Err(upload::refuse(&st, &a.job, ApiError::internal("the audio part went missing")));
     };
     let batch_size = a.form.int("batch_size").map(|n| n as u32);
-    st.jobs.start(a.job.clone(), a.admission, Work::Speak { avatar, audio, audio_info, batch_size }, a.receive_seconds);
+    let profile = a.form.flag("profile");
+    st.jobs.start(a.job.clone(), a.admission, Work::Speak { avatar, audio, audio_info, batch_size, profile }, a.receive_seconds);
     Ok(respond(&a.job, &headers).await)
 }

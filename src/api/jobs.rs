@@ -95,6 +95,9 @@ pub struct InferenceForm {
     /// MuseTalk `--batch_size`, 1…256.
     #[schema(required = false, minimum = 1, maximum = 256)]
     pub batch_size: u32,
+    /// `true`: take a Python profile of this job with py-spy (`GET /v1/jobs/{id}/profile`). Default `false`.
+    #[schema(required = false, value_type = String, pattern = "^(true|false|1|0)$")]
+    pub profile: String,
 }
 
 /// `DELETE /v1/jobs/{id}`: the job and the state it ended in.
@@ -181,6 +184,7 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
         bbox_shift: a.form.int("bbox_shift").map(|n| n as i32),
         batch_size: a.form.int("batch_size").map(|n| n as u32),
         avatar_id: a.form.text("avatar_id"),
+        profile: a.form.flag("profile"),
     };
     st.jobs.start(a.job.clone(), a.admission, crate::jobs::Work::Simple(inputs), a.receive_seconds);
     Ok(respond(&a.job, &headers).await)
@@ -258,6 +262,52 @@ pub async fn report(State(st): State<AppState>, UrlPath(id): UrlPath<String>, he
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], report.to_text()).into_response());
     }
     Ok(Json(report).into_response())
+}
+
+/// `?format=` of `GET /v1/jobs/{id}/profile`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProfileQuery {
+    /// `speedscope` (default: speedscope's JSON file format), `svg` (a flamegraph) or
+    /// `collapsed` (collapsed stacks, `frame;frame count`).
+    pub format: Option<String>,
+}
+
+/// A job's Python profile (py-spy), taken on `profile=true` or at `--profile-ratio`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/profile",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id"), ProfileQuery),
+    responses(
+        (status = 200, description = "The profile", content(
+            (serde_json::Value = "application/json"),
+            (String = "image/svg+xml"),
+            (String = "text/plain"),
+        )),
+        (status = 400, description = "`invalid_format`: not `speedscope`, `svg` or `collapsed`", body = crate::http::ErrorBody),
+        (status = 404, description = "`job_not_found`, or `profile_not_found` with the reason (not asked for, unavailable on this host, py-spy failed)", body = crate::http::ErrorBody),
+        (status = 409, description = "`job_not_finished`: the profile is ready when the job ends", body = crate::http::ErrorBody),
+    )
+)]
+pub async fn profile(State(st): State<AppState>, UrlPath(id): UrlPath<String>, axum::extract::Query(q): axum::extract::Query<ProfileQuery>) -> Result<Response, ApiError> {
+    use crate::profile::{COLLAPSED_FILE, SPEEDSCOPE_FILE, SVG_FILE};
+    let (file, content_type) = match q.format.as_deref().unwrap_or("speedscope") {
+        "speedscope" | "json" => (SPEEDSCOPE_FILE, "application/json"),
+        "svg" => (SVG_FILE, "image/svg+xml"),
+        "collapsed" => (COLLAPSED_FILE, "text/plain; charset=utf-8"),
+        other => return Err(ApiError::bad_request("invalid_format", format!("format must be `speedscope`, `svg` or `collapsed`, got `{other}`"))),
+    };
+    let job = find(&st, &id)?;
+    let report = job.report().ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "job_not_finished", format!("job `{id}` is {}; its profile is ready when it ends", job.state().as_str())))?;
+    let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, "profile_not_found", why);
+    match &report.profile {
+        None => return Err(not_found(format!("job `{id}` was not profiled: send `profile=true` with the job (or set --profile-ratio)"))),
+        Some(p) if p.url.is_none() => return Err(not_found(format!("job `{id}` has no profile: {}", p.unavailable.as_deref().unwrap_or("not taken")))),
+        Some(_) => {}
+    }
+    let bytes = tokio::fs::read(job.dir.join("profile").join(file)).await.map_err(|e| not_found(format!("job `{id}`'s profile is gone ({e})")))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
 }
 
 /// A succeeded job's output video, with Range support.

@@ -71,6 +71,7 @@ fn api_endpoints(body_limit: usize) -> Vec<Endpoint> {
         ep(Delete, "/v1/jobs/{id}", jobs::cancel),
         ep(Get, "/v1/jobs/{id}/report", jobs::report),
         ep(Get, "/v1/jobs/{id}/output", jobs::output),
+        ep(Get, "/v1/jobs/{id}/profile", jobs::profile),
         ep(Get, "/v1/jobs/{id}/events", jobs::events),
         upload(ep(Post, "/v1/avatars", avatars::prepare)),
         ep(Get, "/v1/avatars", avatars::list),

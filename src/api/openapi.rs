@@ -35,6 +35,7 @@ and `--admin-listen` moves `/metrics`, `/healthz` and `/readyz` to a separate li
         jobs::cancel,
         jobs::report,
         jobs::output,
+        jobs::profile,
         jobs::events,
         avatars::prepare,
         avatars::list,

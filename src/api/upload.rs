@@ -72,6 +72,8 @@ pub enum Kind {
     /// is reserved the moment the part is read (a taken id is refused before a video sent
     /// after it is read).
     AvatarId { reserve: bool },
+    /// `true`/`false` (or `1`/`0`); anything else is a 400 with `code`.
+    Flag { code: &'static str },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,16 +90,17 @@ const VIDEO: Part = Part { name: "video", kind: Kind::Media(Media::Video), requi
 const AUDIO: Part = Part { name: "audio", kind: Kind::Media(Media::Audio), required: true };
 const BBOX_SHIFT: Part = Part { name: "bbox_shift", kind: Kind::Int { code: "invalid_bbox_shift", min: -200, max: 200 }, required: false };
 const BATCH_SIZE: Part = Part { name: "batch_size", kind: Kind::Int { code: "invalid_batch_size", min: 1, max: 256 }, required: false };
+const PROFILE: Part = Part { name: "profile", kind: Kind::Flag { code: "invalid_profile" }, required: false };
 
 /// `POST /v1/inference`.
-pub const INFERENCE: Form = Form(&[VIDEO, AUDIO, Part { name: "avatar_id", kind: Kind::AvatarId { reserve: false }, required: false }, BBOX_SHIFT, BATCH_SIZE]);
+pub const INFERENCE: Form = Form(&[VIDEO, AUDIO, Part { name: "avatar_id", kind: Kind::AvatarId { reserve: false }, required: false }, BBOX_SHIFT, BATCH_SIZE, PROFILE]);
 /// `POST /v1/avatars`.
 pub const PREPARE: Form = Form(&[VIDEO, Part { name: "avatar_id", kind: Kind::AvatarId { reserve: true }, required: true }, BBOX_SHIFT]);
 /// `POST /v1/avatars/{id}/speak`.
-pub const SPEAK: Form = Form(&[AUDIO, BATCH_SIZE]);
+pub const SPEAK: Form = Form(&[AUDIO, BATCH_SIZE, PROFILE]);
 
 /// Error codes the upload routes can answer with a 400 (for the OpenAPI descriptions).
-pub const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `field_too_long`, `invalid_utf8`";
+pub const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `invalid_profile`, `field_too_long`, `invalid_utf8`";
 
 impl Form {
     fn part(&self, name: &str) -> Option<&'static Part> {
@@ -128,6 +131,7 @@ impl Form {
 pub struct Received<'a> {
     media: Vec<(Media, PathBuf, MediaInfo)>,
     ints: Vec<(&'static str, i64)>,
+    flags: Vec<(&'static str, bool)>,
     texts: Vec<(&'static str, String)>,
     reservation: Option<Reservation<'a>>,
 }
@@ -139,6 +143,10 @@ impl<'a> Received<'a> {
     }
     pub fn int(&self, name: &str) -> Option<i64> {
         self.ints.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+    /// A flag part's value (`false` when not sent).
+    pub fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, v)| *n == name && *v)
     }
     pub fn text(&self, name: &str) -> Option<String> {
         self.texts.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
@@ -222,6 +230,15 @@ async fn read<'a>(st: &'a AppState, job: &Job, multipart: &mut Multipart, form: 
                 let v = text(field).await?;
                 let n = v.trim().parse::<i64>().ok().filter(|n| (min..=max).contains(n)).ok_or_else(|| bad(code, format!("{} must be an integer from {min} to {max}, got `{v}`", part.name)))?;
                 r.ints.push((part.name, n));
+            }
+            Kind::Flag { code } => {
+                let v = text(field).await?;
+                let on = match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad(code, format!("{} must be `true` or `false`, got `{v}`", part.name))),
+                };
+                r.flags.push((part.name, on));
             }
             Kind::AvatarId { reserve } => {
                 let v = text(field).await?;
@@ -393,6 +410,7 @@ mod tests {
             ("bad avatar id", inf, vec![P::Text("avatar_id", b"../x".to_vec())], StatusCode::BAD_REQUEST, "invalid_avatar_id"),
             ("bbox out of range", inf, vec![P::Text("bbox_shift", b"500".to_vec())], StatusCode::BAD_REQUEST, "invalid_bbox_shift"),
             ("batch not a number", inf, vec![P::Text("batch_size", b"many".to_vec())], StatusCode::BAD_REQUEST, "invalid_batch_size"),
+            ("profile not a flag", inf, vec![P::Text("profile", b"maybe".to_vec())], StatusCode::BAD_REQUEST, "invalid_profile"),
             ("text too long", inf, vec![P::Text("avatar_id", vec![b'a'; 300])], StatusCode::BAD_REQUEST, "field_too_long"),
             ("text not utf-8", inf, vec![P::Text("avatar_id", vec![0xff, 0xfe])], StatusCode::BAD_REQUEST, "invalid_utf8"),
             ("file too large", inf, vec![P::File("video", "v.mp4", vec![7; 6000])], StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),

@@ -203,6 +203,9 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
         p.print(o);
     }
     p.print(nvml(args.require_gpu));
+    for o in py_spy(&config) {
+        p.print(o);
+    }
     p.print(data_dir(&config.data_dir));
     p.print(listen("listen", "--listen", config.listen));
     if let Some(addr) = config.admin_listen {
@@ -366,6 +369,26 @@ fn nvml(require: bool) -> Outcome {
     let driver = nvml.sys_driver_version().unwrap_or_else(|e| format!("unknown ({e})"));
     let names: Vec<String> = (0..count).map(|i| nvml.device_by_index(i).and_then(|d| d.name()).unwrap_or_else(|e| format!("GPU {i}: {e}"))).collect();
     ok("nvml", format!("{count} GPU{}, driver {driver}: {}", if count == 1 { "" } else { "s" }, names.join(", ")))
+}
+
+/// py-spy for per-job profiles (optional: a warning when missing), and whether realtime
+/// workers can be attached to.
+fn py_spy(config: &Config) -> Vec<Outcome> {
+    let profiler = crate::profile::Profiler::new(config);
+    let mut out = Vec::new();
+    match profiler.version() {
+        Ok(v) => out.push(ok("py-spy", format!("{v} ({}): jobs can be profiled (profile=true, --profile-ratio)", config.py_spy.display()))),
+        Err(why) => {
+            out.push(warn("py-spy", format!("{why}: jobs cannot be profiled"), "python3 -m pip install py-spy (or give its path with --py-spy); scripts/run.sh and scripts/test.sh install it"));
+            return out;
+        }
+    }
+    if config.realtime
+        && let Err(why) = profiler.attach_permitted()
+    {
+        out.push(warn("py-spy attach", why.to_string(), "add the SYS_PTRACE capability to the container (deploy/compose: cap_add; Kubernetes: securityContext.capabilities.add), or run with kernel.yama.ptrace_scope=0"));
+    }
+    out
 }
 
 /// The data dir (or, before the first run, its nearest existing ancestor) is writable,

@@ -73,6 +73,11 @@ pub struct InferArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub batch_size: Option<u32>,
 
+    /// Take a Python profile of the job (py-spy on the service): the report lists the top
+    /// functions per stage and links the profile (`/v1/jobs/ID/profile`, speedscope JSON).
+    #[arg(long)]
+    pub profile: bool,
+
     /// Print the service's JSON report (pretty-printed, stable field names) instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -193,6 +198,9 @@ async fn submit(client: &Client, args: &InferArgs, total: u64, ui: &Ui) -> Resul
     }
     if let Some(b) = args.batch_size {
         form = form.text("batch_size", b.to_string());
+    }
+    if args.profile {
+        form = form.text("profile", "true");
     }
     if !ui.live {
         ui.line(&format!("uploading {} + {} ({}) to {}", args.video.display(), args.audio.display(), human_bytes(total), client.base()));
@@ -461,6 +469,7 @@ mod tests {
             avatar_id: None,
             bbox_shift: None,
             batch_size: None,
+            profile: false,
             json: false,
         }
     }

@@ -71,6 +71,9 @@ pub enum Command {
     /// Internal: the preview backend's render passes (run by the service as a job's pipeline).
     #[command(hide = true)]
     PreviewRender(crate::pipeline::preview::Render),
+    /// Internal: runs a profiled pipeline under py-spy and records how it ended.
+    #[command(hide = true)]
+    ExitStatus(crate::profile::ExitStatusArgs),
 }
 
 /// Parses the command line (exits with clap's message and status 2 on a usage error).

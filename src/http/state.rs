@@ -101,7 +101,12 @@ impl AppState {
         let rt = self.jobs.realtime();
         if rt.enabled() && rt.has_workers() {
             let r = rt.readiness();
-            checks.push(ReadinessCheck { name: Check::RealtimeWorkers, ok: r.is_ok(), detail: r.unwrap_or_else(|e| e) });
+            let mut detail = r.as_ref().map_or_else(|e| e.clone(), |d| d.clone());
+            // Not a readiness condition (jobs run unprofiled), but said where operators look.
+            if let Err(why) = self.jobs.profiler().attach_permitted() {
+                detail.push_str(&format!("; {why}"));
+            }
+            checks.push(ReadinessCheck { name: Check::RealtimeWorkers, ok: r.is_ok(), detail });
         }
         let draining = self.draining.load(Ordering::Acquire);
         checks.push(ReadinessCheck {

@@ -59,7 +59,7 @@ pub enum Work {
     Prepare { avatar: Arc<avatars::Avatar> },
     /// Realtime: speak a clip with a prepared avatar.
     /// The lease keeps the avatar from being deleted until the job ends.
-    Speak { avatar: avatars::AvatarLease, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32> },
+    Speak { avatar: avatars::AvatarLease, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32>, profile: bool },
 }
 
 impl Work {
@@ -75,12 +75,13 @@ impl Work {
             bbox_shift: None,
             batch_size: None,
             avatar_id: Some(avatar.to_string()),
+            profile: false,
         };
         match self {
             Work::Simple(i) => i.clone(),
             Work::Prepare { avatar } => JobInput { bbox_shift: avatar.bbox_shift, ..base(&avatar.video, &avatar.video_info, &avatar.id) },
-            Work::Speak { avatar, audio, audio_info, batch_size } => {
-                JobInput { audio: audio.clone(), audio_info: audio_info.clone(), batch_size: *batch_size, ..base(&avatar.video, &avatar.video_info, &avatar.id) }
+            Work::Speak { avatar, audio, audio_info, batch_size, profile } => {
+                JobInput { audio: audio.clone(), audio_info: audio_info.clone(), batch_size: *batch_size, profile: *profile, ..base(&avatar.video, &avatar.video_info, &avatar.id) }
             }
         }
     }
@@ -327,9 +328,16 @@ pub struct JobManager {
     processing_avg: [Mutex<Option<f64>>; 2],
     tracker: TaskTracker,
     draining: AtomicBool,
+    /// Per-job Python profiles (py-spy), what this host allows of them.
+    profiler: crate::profile::Profiler,
 }
 
 impl JobManager {
+    /// The profiler (`check`'s and `/readyz`'s view of it too).
+    pub fn profiler(&self) -> &crate::profile::Profiler {
+        &self.profiler
+    }
+
     /// The simple-mode backend.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
@@ -348,7 +356,9 @@ impl JobManager {
     /// `slots` is the run budget (`--max-concurrent-jobs`) shared with the preview realtime engine.
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
         let avatars = avatars::AvatarStore::new(realtime.name());
+        let profiler = crate::profile::Profiler::new(&config);
         let m = Arc::new(JobManager {
+            profiler,
             slots,
             config,
             backend,
@@ -374,6 +384,7 @@ impl JobManager {
                 let _ = m.metrics.job.jobs_rejected.get_or_create(&RejectLabels { mode, reason });
             }
         }
+        m.metrics.profile.init(&Mode::ALL.map(Mode::as_str));
         m
     }
 

@@ -93,6 +93,9 @@ pub struct Report {
     pub resources: Window,
     /// Absent without GPU data.
     pub gpu_energy: Option<GpuEnergy>,
+    /// The job's Python profile (py-spy), when it was profiled; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::profile::ProfileReport>,
 }
 
 /// Fills `percent` from seconds against `total`.
@@ -132,6 +135,27 @@ fn avg_peak(label: &str, v: &Option<AvgPeak>, fmt: impl Fn(f64) -> String) -> St
         Some(v) => format!("  {label:<26} avg {:>10}   peak {:>10}\n", fmt(v.avg), fmt(v.peak)),
         None => format!("  {label:<26} not sampled\n"),
     }
+}
+
+/// The profile's part of the text report: where to get it, then per stage "… of which
+/// 48 % in `conv2d`": the stage's share first, then the functions holding its Python time.
+fn profile_text(p: &crate::profile::ProfileReport, stages: &[Timing]) -> String {
+    let mut s = String::new();
+    let (Some(url), None) = (&p.url, &p.unavailable) else {
+        s.push_str(&format!("\nProfile: none — {}\n", p.unavailable.as_deref().unwrap_or("not taken")));
+        return s;
+    };
+    s.push_str(&format!("\nProfile (py-spy, {} Hz, {} samples): {url}  (?format=svg, ?format=collapsed)\n", p.rate_hz, p.samples));
+    let list = |fs: &[crate::profile::trace::FunctionShare]| fs.iter().take(3).map(|f| format!("{:.0}% {} ({})", f.percent, f.function, f.file)).collect::<Vec<_>>().join(", ");
+    for st in &p.stages {
+        if st.profile.top_self.is_empty() {
+            continue;
+        }
+        let share = stages.iter().find(|t| t.name == st.stage).map(|t| format!("{:.0}%", t.percent)).unwrap_or_default();
+        s.push_str(&format!("  {:<26} {:>4} of which {}\n", st.stage, share, list(&st.profile.top_self)));
+        s.push_str(&format!("  {:<26} {:>4} in total {}\n", "", "", list(&st.profile.top_total)));
+    }
+    s
 }
 
 impl Report {
@@ -181,6 +205,9 @@ impl Report {
                     ));
                 }
             }
+        }
+        if let Some(p) = &self.profile {
+            s.push_str(&profile_text(p, &self.stages));
         }
         if let Some(b) = &self.bottleneck {
             s.push_str(&format!("\nBottleneck: {} ({:.1}% of total)", b.step, b.percent));

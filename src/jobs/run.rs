@@ -21,6 +21,7 @@ use crate::pipeline::{self, JobInput, PipelineError, ProcessOutcome, RunOptions}
 use crate::collector::insight::{self, StageGpu};
 use crate::collector::CollectorHandle;
 use crate::telemetry;
+use crate::profile::{self, ShimStatus};
 
 /// What the runner learns along the way, for the report and the metrics.
 #[derive(Default)]
@@ -38,6 +39,10 @@ struct Record {
     exec_window: Option<(Instant, Instant)>,
     tree_key: Option<u64>,
     worker: Option<String>,
+    /// Each stage's window (name, start, end), for slicing the profile.
+    stage_windows: Vec<(String, SystemTime, SystemTime)>,
+    /// The job's Python profile, when it was to be profiled: taken, or why not.
+    profile: Option<Result<profile::Taken, profile::Unavailable>>,
 }
 
 /// A failed step: which one (named here only: messages never repeat it), what went
@@ -180,7 +185,7 @@ impl<'a> StageRecorder<'a> {
     /// Ends what is still open (a crash mid-stage), puts each stage's GPU window on its
     /// span and ends the spans at their own end times. Returns the stage timings and,
     /// beside them, their GPU figures.
-    fn finish(mut self, collector: &CollectorHandle, tree: Option<u64>) -> (Vec<(String, f64)>, Vec<Option<StageGpu>>) {
+    fn finish(mut self, collector: &CollectorHandle, tree: Option<u64>) -> (Vec<(String, f64)>, Vec<Option<StageGpu>>, Vec<(String, SystemTime, SystemTime)>) {
         let now = SystemTime::now();
         let open: Vec<String> = self.open.keys().cloned().collect();
         for name in open {
@@ -192,16 +197,18 @@ impl<'a> StageRecorder<'a> {
         let clock = pipeline::Clock::now();
         let mut timings = Vec::with_capacity(self.ended.len());
         let mut gpus = Vec::with_capacity(self.ended.len());
+        let mut windows = Vec::with_capacity(self.ended.len());
         for mut st in self.ended {
             let gpu = insight::stage_gpu(&collector.window(clock.to_instant(st.start), clock.to_instant(st.end), tree));
             if let Some(g) = &gpu {
                 stage_gpu_attributes(&mut st.span, g);
             }
             st.span.end_with_timestamp(st.end);
+            windows.push((st.name.clone(), st.start, st.end));
             timings.push((st.name, st.seconds));
             gpus.push(gpu);
         }
-        (timings, gpus)
+        (timings, gpus, windows)
     }
 }
 
@@ -259,9 +266,11 @@ pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admiss
     let mut rec = Record::default();
     let span = job.span();
     let inputs = work.input(&job);
+    // Inference and speak jobs are profiled on request or at --profile-ratio.
+    let profiled = !matches!(work, Work::Prepare { .. }) && m.profiler().wanted(inputs.profile);
     let result = match &work {
-        Work::Simple(inputs) => run_steps(&m, &job, admission, inputs, receive_seconds, &mut rec).instrument(span).await,
-        Work::Speak { avatar, .. } => run_speak(&m, &job, admission, avatar, &inputs, receive_seconds, &mut rec).instrument(span).await,
+        Work::Simple(inputs) => run_steps(&m, &job, admission, inputs, receive_seconds, profiled, &mut rec).instrument(span).await,
+        Work::Speak { avatar, .. } => run_speak(&m, &job, admission, avatar, &inputs, receive_seconds, profiled, &mut rec).instrument(span).await,
         Work::Prepare { avatar } => run_prepare(&m, &job, admission, avatar, receive_seconds, &mut rec).instrument(span).await.map(|_| avatar.material_dir()),
     };
     if let Work::Prepare { avatar } = &work {
@@ -289,7 +298,7 @@ async fn realtime_slot(m: &Arc<JobManager>, job: &Arc<Job>, rec: &mut Record, ad
 
 /// Realtime `speak`: file_processing, queue_wait (an idle worker), inference,
 /// output_discovery, response_preparation.
-async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &JobInput, receive_seconds: f64, rec: &mut Record) -> Result<PathBuf, StepFailure> {
+async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, avatar: &Arc<Avatar>, inputs: &JobInput, receive_seconds: f64, profiled: bool, rec: &mut Record) -> Result<PathBuf, StepFailure> {
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
     let (mut slot, _running) = realtime_slot(m, job, rec, admission).await?;
     let output = job.dir.join("result").join("output.mp4");
@@ -312,7 +321,14 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
         span.set_attribute("musetalk.worker", w.clone());
     }
     let mut er = EngineRecorder::new(m, job, &span);
+    // The worker is already running: py-spy attaches to it for this request only.
+    let attached = profiled.then(|| m.profiler().attach(slot.pid(), &job.dir.join("profile")));
     let result = slot.infer(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
+    rec.profile = match attached {
+        Some(Ok(a)) => Some(a.stop().await),
+        Some(Err(u)) => Some(Err(u)),
+        None => None,
+    };
     er.finish(rec);
     let expected = slot.expected_output(&req);
     drop(slot);
@@ -382,7 +398,7 @@ impl<'a> EngineRecorder<'a> {
 
     fn finish(self, rec: &mut Record) {
         rec.tree_key = self.guard.as_ref().map(|g| g.key());
-        (rec.stages, rec.stage_gpu) = self.stages.finish(&self.collector, rec.tree_key);
+        (rec.stages, rec.stage_gpu, rec.stage_windows) = self.stages.finish(&self.collector, rec.tree_key);
         rec.exec_window = Some((self.started, Instant::now()));
     }
 }
@@ -422,7 +438,7 @@ async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Recor
     }
 }
 
-async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &JobInput, receive_seconds: f64, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
+async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, inputs: &JobInput, receive_seconds: f64, profiled: bool, rec: &mut Record) -> Result<std::path::PathBuf, StepFailure> {
     // file_processing ran in the request (its span is made by `file_processing_span`); record its time.
     record_step(m, job, rec, Step::FileProcessing, receive_seconds);
 
@@ -439,7 +455,7 @@ async fn run_steps(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, in
 
     let invocation = step(m, job, rec, Step::ConfigCreation, async |_, _| backend.prepare(&pjob).map_err(|e| StepFailure::from_pipeline(Step::ConfigCreation, e))).await?;
 
-    let (outcome, parser) = step(m, job, rec, Step::SubprocessExecution, async |span, rec| execute(m, job, &pjob, &invocation, span, rec).await).await?;
+    let (outcome, parser) = step(m, job, rec, Step::SubprocessExecution, async |span, rec| execute(m, job, &pjob, &invocation, profiled, span, rec).await).await?;
 
     let output = step(m, job, rec, Step::OutputDiscovery, async |span, rec| {
         let path = backend.discover(&pjob, &outcome, parser.as_ref()).map_err(|e| StepFailure::from_pipeline(Step::OutputDiscovery, e))?;
@@ -457,23 +473,60 @@ impl Drop for RunningGuard {
     }
 }
 
-/// `subprocess_execution`: runs the invocation, turns its output into stage spans,
-/// histogram observations, progress and log events.
+/// `subprocess_execution`: runs the invocation (under py-spy when `profiled`), turns its
+/// output into stage spans, histogram observations, progress and log events.
 async fn execute(
     m: &Arc<JobManager>,
     job: &Arc<Job>,
     pjob: &JobInput,
     inv: &pipeline::Invocation,
+    profiled: bool,
     span: &tracing::Span,
     rec: &mut Record,
 ) -> Result<(ProcessOutcome, Box<dyn pipeline::StageParser>), StepFailure> {
-    rec.command = inv.display();
-    span.set_attribute("process.command_line", rec.command.clone());
     let opts = RunOptions { timeout: m.config.job_timeout, kill_grace: m.config.kill_grace, cancel: job.cancel.clone(), traceparent: telemetry::traceparent(span) };
-    let mut parser = m.backend.stage_parser(pjob);
-    let mut er = EngineRecorder::new(m, job, span);
-    let result = pipeline::process::run_invocation(inv, &opts, parser.as_mut(), &mut |ev| er.on(ev)).await;
-    er.finish(rec);
+    let run = async |inv: &pipeline::Invocation, rec: &mut Record| {
+        rec.command = inv.display();
+        span.set_attribute("process.command_line", rec.command.clone());
+        let mut parser = m.backend.stage_parser(pjob);
+        let mut er = EngineRecorder::new(m, job, span);
+        let result = pipeline::process::run_invocation(inv, &opts, parser.as_mut(), &mut |ev| er.on(ev)).await;
+        er.finish(rec);
+        (result, parser)
+    };
+    let wrapped = match profiled.then(|| m.profiler().wrap(inv, &job.dir.join("profile"))) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(u)) => {
+            rec.profile = Some(Err(u));
+            None
+        }
+        None => None,
+    };
+    let (mut result, mut parser) = run(wrapped.as_ref().map_or(inv, |w| &w.invocation), rec).await;
+    if let Some(w) = wrapped {
+        let py_spy_said: Vec<String> = result.as_ref().map(|o| o.stderr_tail.clone()).unwrap_or_default();
+        if let Ok(o) = &mut result {
+            // py-spy exits 0 whatever the pipeline did: its shim says how the pipeline ended.
+            match w.status() {
+                ShimStatus::Exited(c) => (o.code, o.signal) = (Some(c), None),
+                ShimStatus::Signalled(s) => (o.code, o.signal) = (None, Some(s)),
+                ShimStatus::NotStarted | ShimStatus::Running => {}
+            }
+            o.stderr_tail.retain(|l| !l.starts_with("py-spy> "));
+            o.stdout_tail.retain(|l| !l.starts_with("py-spy> "));
+        }
+        let never_ran = w.status() == ShimStatus::NotStarted && result.as_ref().is_ok_and(|o| o.ended == pipeline::process::EndReason::Exited);
+        if never_ran {
+            // py-spy did not start the pipeline (nothing ran): run it unprofiled, so a
+            // broken profiler never fails a job.
+            let why = py_spy_said.iter().filter(|l| !l.trim().is_empty()).last().cloned().unwrap_or_else(|| "no output".into());
+            tracing::warn!(job_id = %job.id, "py-spy did not start the pipeline ({why}); running it without a profile");
+            rec.profile = Some(Err(profile::Unavailable { reason: profile::Reason::PySpyFailed, detail: format!("py-spy did not start the pipeline: {why}") }));
+            (result, parser) = run(inv, rec).await;
+        } else {
+            rec.profile = Some(w.finish(&py_spy_said));
+        }
+    }
     let outcome = result.map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;
     if let Some(c) = outcome.code {
         span.set_attribute("process.exit.code", c as i64);
@@ -506,8 +559,10 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
     if rec.tree_key.is_some() {
         resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
     }
+    let profile = rec.profile.take().map(|p| profile_report(m, job, &rec, p));
     let _ = scope.close(m, job, &mut rec, Ok(()));
-    let report = build_report(m, job, inputs, &rec, state, error, resources);
+    let mut report = build_report(m, job, inputs, &rec, state, error, resources);
+    report.profile = profile;
     // Retry-After learns from jobs that ran to the end: a cancelled or failed job's
     // seconds say nothing of how long the next one takes, nor does an avatar's preparation.
     if result.is_ok() && has_output {
@@ -531,6 +586,20 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
     });
     job.emit(JobEvent::Done { state, error: err_text });
     job.close_span();
+}
+
+/// The profile's formats written beside its trace, sliced by stage, and counted.
+fn profile_report(m: &JobManager, job: &Job, rec: &Record, p: Result<profile::Taken, profile::Unavailable>) -> profile::ProfileReport {
+    let rate = m.profiler().rate();
+    let built = p.and_then(|t| {
+        let url = format!("/v1/jobs/{}/profile", job.id);
+        profile::ProfileReport::taken(&t, rate, &job.dir.join("profile"), url, &format!("musetalk-sidecar job {}", job.id), &rec.stage_windows)
+    });
+    m.metrics.profile.count(job.mode.as_str(), built.as_ref().map(|_| ()).map_err(|u| u.reason));
+    built.unwrap_or_else(|u| {
+        tracing::warn!(job_id = %job.id, reason = u.reason.as_str(), "no profile: {}", u.detail);
+        profile::ProfileReport::unavailable(rate, &u)
+    })
 }
 
 /// The per-request report, from what the runner recorded.
@@ -585,6 +654,7 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
         },
         resources,
         gpu_energy,
+        profile: None,
     }
 }
 
@@ -621,6 +691,17 @@ fn record_job_span(job: &Job, inputs: &JobInput, report: &Report) {
     set_ap("musetalk.resources.pipeline.gpu_memory", r.tree.as_ref().and_then(|t| t.gpu_memory));
     set_ap("musetalk.resources.gpu.utilization", r.gpus.first().and_then(|g| g.utilization));
     set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
+    if let Some(p) = &report.profile {
+        match (&p.url, &p.unavailable) {
+            (Some(url), _) => {
+                js.set_attribute("musetalk.profile.url", url.clone());
+                js.set_attribute("musetalk.profile.samples", p.samples as i64);
+                js.set_attribute("musetalk.profile.summary", p.summary());
+            }
+            (None, Some(why)) => js.set_attribute("musetalk.profile.unavailable", why.clone()),
+            _ => {}
+        }
+    }
     if let Some(e) = &report.gpu_energy {
         js.set_attribute("musetalk.gpu.energy_joules", e.joules);
         if let Some(p) = e.per_output_second {

@@ -54,6 +54,8 @@ pub struct JobInput {
     pub batch_size: Option<u32>,
     /// The avatar the job belongs to (realtime), or the client's tag (simple): reported, not used by backends.
     pub avatar_id: Option<String>,
+    /// The client asked for a Python profile (`profile=true`): for the job runner, not backends.
+    pub profile: bool,
 }
 
 impl JobInput {

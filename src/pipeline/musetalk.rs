@@ -298,6 +298,7 @@ mod tests {
             bbox_shift: Some(-3),
             batch_size: Some(4),
             avatar_id: None,
+            profile: false,
         };
         assert_eq!(m.expected_output(&job), PathBuf::from("/data/jobs/j/result/v15/v_j_a_j.mp4"));
     }

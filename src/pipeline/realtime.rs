@@ -256,6 +256,7 @@ fn preview_job(req: &InferRequest) -> JobInput {
         bbox_shift: None,
         batch_size: req.batch_size,
         avatar_id: Some(req.avatar_id.clone()),
+        profile: false,
     }
 }
 

@@ -392,6 +392,7 @@ fn job_view(st: &AppState, ui: &UiConfig, job: &Job, detail: bool) -> JobView {
         resources: model::resource_rows(&window),
         resource_note,
         report_text: report.as_ref().filter(|_| detail).map(|r| r.to_text()),
+        profile: report.as_ref().filter(|_| detail).and_then(|r| r.profile.clone()),
         trace_link: model::trace_link(st.config.trace_ui_url.as_deref(), &job.trace_id),
         grafana_link,
         links,

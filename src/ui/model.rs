@@ -99,6 +99,8 @@ pub struct JobView {
     pub resource_note: String,
     /// The text report (`Report::to_text`), once the job has ended.
     pub report_text: Option<String>,
+    /// The job's Python profile (taken, or why not), when it was profiled.
+    pub profile: Option<crate::profile::ProfileReport>,
     pub trace_link: Option<Link>,
     pub grafana_link: Option<Link>,
     pub links: Vec<Link>,

@@ -73,6 +73,7 @@ fn job(id: &str, state: JobState) -> JobView {
         resources: model::resource_rows(&Default::default()),
         resource_note: "3 samples".into(),
         report_text: finished.then(|| "MuseTalk job x — FAILED\nSteps\n  a  <tag> & more\n".into()),
+        profile: None,
         trace_link: model::trace_link(Some("http://jaeger.example:16686/trace/{trace_id}"), "4bf92f3577b34da6a3ce929d0e0e4736"),
         grafana_link: None,
         links: vec![Link::local(format!("/v1/jobs/{id}"), "Status (JSON)")],

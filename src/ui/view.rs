@@ -413,6 +413,9 @@ pub fn job_section(j: &JobView) -> Markup {
                 }
             }
         }
+        @if let Some(p) = &j.profile {
+            (profile_section(p))
+        }
         section.block aria-labelledby="report-h" {
             h3 #report-h { "Report" }
             @if let Some(text) = &j.report_text {
@@ -423,6 +426,57 @@ pub fn job_section(j: &JobView) -> Markup {
         }
     };
     live_section("job", "Details", &partial, refresh, None, inner)
+}
+
+/// The job's Python profile: the flamegraph (an image from the sidecar itself, so the
+/// page's `img-src 'self'` allows it) and, per stage, where its Python time went.
+fn profile_section(p: &crate::profile::ProfileReport) -> Markup {
+    let functions = |fs: &[crate::profile::trace::FunctionShare]| {
+        html! {
+            @for (i, f) in fs.iter().enumerate() {
+                @if i > 0 { ", " }
+                (format!("{:.0}% ", f.percent)) code { (f.function) } span.muted { " (" (f.file) ")" }
+            }
+        }
+    };
+    html! {
+        section.block aria-labelledby="profile-h" {
+            h3 #profile-h { "Python profile" }
+            @match (&p.url, &p.unavailable) {
+                (Some(url), _) => {
+                    p.sub {
+                        "py-spy at " (p.rate_hz) " Hz, " (p.samples) " samples. "
+                        a href=(url) { "speedscope JSON" } " (open it in speedscope), "
+                        a href=(format!("{url}?format=svg")) { "flamegraph" } ", "
+                        a href=(format!("{url}?format=collapsed")) { "collapsed stacks" } "."
+                    }
+                    img.flamegraph src=(format!("{url}?format=svg")) alt="Flamegraph of the job's Python stacks (py-spy)" loading="lazy";
+                    @if p.stages.iter().any(|s| !s.profile.top_self.is_empty()) {
+                        div.table-wrap role="region" aria-label="Top functions per stage" tabindex="0" {
+                            table.profile {
+                                caption { "Per stage: the functions holding its Python time (own time, then with callees)" }
+                                thead { tr { th scope="col" { "Stage" } th scope="col" { "Own time" } th scope="col" { "Total time" } } }
+                                tbody {
+                                    @for s in &p.stages {
+                                        @if !s.profile.top_self.is_empty() {
+                                            tr data-stage=(s.stage) {
+                                                th scope="row" { (s.stage) }
+                                                td { (functions(&s.profile.top_self)) }
+                                                td { (functions(&s.profile.top_total)) }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                (None, why) => {
+                    p { strong { "No profile" } ": " (why.as_deref().unwrap_or("not taken")) }
+                }
+            }
+        }
+    }
 }
 
 fn timing_table(caption: &str, share: &str, rows: &[Timing]) -> Markup {
