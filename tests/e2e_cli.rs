@@ -632,6 +632,15 @@ fn succeeded_report() -> Report {
         },
         gpu_energy: None,
         profile: None,
+        latency: report::Latency {
+            time_to_first_frame_seconds: None,
+            time_to_first_byte_seconds: None,
+            batches: None,
+            version: "preview".into(),
+            fp16: false,
+            batch_size: "default".into(),
+            worker: "none".into(),
+        },
     }
 }
 

@@ -4,7 +4,7 @@
 Speaks the protocol in docs/worker-protocol.md on stdin/stdout:
 
     requests  (stdin):  prepare | infer | shutdown
-    events    (stdout): ready, stage_start, stage_end, progress, result, error
+    events    (stdout): ready, stage_start, stage_end, progress, batch, first_frame, result, error
 
 It does what MuseTalk's ``Avatar`` (scripts/realtime_inference.py) does, without its
 ``input()`` prompts: ``prepare`` extracts the frames of a video, finds the face boxes,
@@ -488,7 +488,9 @@ class Worker:
         if not self.loaded:
             info, seconds = self.load()
             log("models loaded in %.1f s" % seconds)
-            self.emit("ready", worker=info, load_seconds=round(seconds, 3))
+            # Protocol 2 (batch, first_frame); no `stream` capability: outputs are written
+            # whole, and a streamed answer sends them when the request ends.
+            self.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=[])
         while True:
             line = stdin.readline()
             if not line:
@@ -679,12 +681,20 @@ class Worker:
             with self.stage(rid, "unet_inference", tp):
                 idx = 0
                 done = 0
+                t0 = time.monotonic()
                 for faces in models.generate_batches(chunks, material.latents, batch_size):
+                    # Protocol 2: each batch's UNet + VAE decode time (the generator returns
+                    # decoded frames on the CPU, so the GPU work is finished here).
+                    self.emit("batch", id=rid, index=done, frames=len(faces),
+                              seconds=round(time.monotonic() - t0, 6))
+                    if done == 0:
+                        self.emit("first_frame", id=rid, t=time.monotonic())
                     for face in faces:
                         blender.put((idx, face))
                         idx += 1
                     done += 1
                     self.emit("progress", id=rid, done=done, total=total)
+                    t0 = time.monotonic()
             # Blending runs alongside the UNet (as in Avatar); this stage is what is left
             # of it once the last batch is decoded.
             with self.stage(rid, "blending", tp):
@@ -863,7 +873,7 @@ def main(argv=None, models_factory=MuseTalkModels):
         worker.out = proto
         log("models loaded in %.1f s on CUDA_VISIBLE_DEVICES=%s"
             % (seconds, os.environ.get("CUDA_VISIBLE_DEVICES")))
-        worker.emit("ready", worker=info, load_seconds=round(seconds, 3))
+        worker.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=[])
         return worker.serve(stdin, proto)
     except BrokenPipeError:
         log("stdout closed by the sidecar: exiting")

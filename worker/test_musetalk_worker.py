@@ -439,7 +439,8 @@ class SubprocessTests(Base):
             event = json.loads(line)  # every line is JSON ...
             self.assertIsInstance(event, dict)
             self.assertIn(event["event"], {"ready", "stage_start", "stage_end", "progress",
-                                           "result", "error"})  # ... and a protocol event
+                                           "batch", "first_frame", "result",
+                                           "error"})  # ... and a protocol event
         events = [json.loads(line) for line in lines]
         self.assertEqual(events[0]["event"], "ready")
         self.assertEqual([e["event"] for e in events if e["event"] in ("result", "error")],

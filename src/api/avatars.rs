@@ -51,6 +51,10 @@ pub struct SpeakForm {
     /// `true`: take a Python profile of this job with py-spy (`GET /v1/jobs/{id}/profile`). Default `false`.
     #[schema(required = false, value_type = String, pattern = "^(true|false|1|0)$")]
     pub profile: String,
+    /// `true`: answer `200` with `video/mp4` at once and send the video while it is
+    /// written (fragmented MP4, chunked); the report is then at `Content-Location`.
+    #[schema(required = false, value_type = String, pattern = "^(true|false|1|0)$")]
+    pub stream: String,
 }
 
 /// `POST /v1/avatars`: the avatar (in `preparing`) and its preparation job.
@@ -176,7 +180,10 @@ pub async fn delete(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
     request_body(description = "`audio` file, optional text part `batch_size`",
         content((SpeakForm = "multipart/form-data", encoding(("audio" = (content_type = "audio/*, application/octet-stream")))))),
     responses(
-        (status = 200, description = "The job succeeded", body = JobResponse),
+        (status = 200, description = "The job succeeded (JSON); with `stream=true`, the video itself as it is written (`video/mp4`, fragmented, chunked; `Content-Location: /v1/jobs/{id}`)", content(
+            (JobResponse = "application/json"),
+            (Vec<u8> = "video/mp4"),
+        )),
         (status = 202, description = "`Prefer: respond-async`: the job is accepted; follow `Location`", body = crate::jobs::JobStatus,
             headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
         (status = 400, description = UPLOAD_400, body = crate::http::ErrorBody),
@@ -204,6 +211,10 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
     };
     let batch_size = a.form.int("batch_size").map(|n| n as u32);
     let profile = a.form.flag("profile");
-    st.jobs.start(a.job.clone(), a.admission, Work::Speak { avatar, audio, audio_info, batch_size, profile }, a.receive_seconds);
+    let stream = a.form.flag("stream");
+    st.jobs.start(a.job.clone(), a.admission, Work::Speak { avatar, audio, audio_info, batch_size, profile, stream }, a.receive_seconds);
+    if stream {
+        return Ok(super::stream::answer(&st, a.job.clone()).await);
+    }
     Ok(respond(&a.job, &headers).await)
 }

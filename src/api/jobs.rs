@@ -185,6 +185,7 @@ pub async fn inference(State(st): State<AppState>, headers: HeaderMap, multipart
         batch_size: a.form.int("batch_size").map(|n| n as u32),
         avatar_id: a.form.text("avatar_id"),
         profile: a.form.flag("profile"),
+        stream: false,
     };
     st.jobs.start(a.job.clone(), a.admission, crate::jobs::Work::Simple(inputs), a.receive_seconds);
     Ok(respond(&a.job, &headers).await)

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod avatars;
 pub mod jobs;
 pub mod openapi;
+pub mod stream;
 pub mod upload;
 
 use axum::Router;

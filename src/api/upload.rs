@@ -91,16 +91,17 @@ const AUDIO: Part = Part { name: "audio", kind: Kind::Media(Media::Audio), requi
 const BBOX_SHIFT: Part = Part { name: "bbox_shift", kind: Kind::Int { code: "invalid_bbox_shift", min: -200, max: 200 }, required: false };
 const BATCH_SIZE: Part = Part { name: "batch_size", kind: Kind::Int { code: "invalid_batch_size", min: 1, max: 256 }, required: false };
 const PROFILE: Part = Part { name: "profile", kind: Kind::Flag { code: "invalid_profile" }, required: false };
+const STREAM: Part = Part { name: "stream", kind: Kind::Flag { code: "invalid_stream" }, required: false };
 
 /// `POST /v1/inference`.
 pub const INFERENCE: Form = Form(&[VIDEO, AUDIO, Part { name: "avatar_id", kind: Kind::AvatarId { reserve: false }, required: false }, BBOX_SHIFT, BATCH_SIZE, PROFILE]);
 /// `POST /v1/avatars`.
 pub const PREPARE: Form = Form(&[VIDEO, Part { name: "avatar_id", kind: Kind::AvatarId { reserve: true }, required: true }, BBOX_SHIFT]);
 /// `POST /v1/avatars/{id}/speak`.
-pub const SPEAK: Form = Form(&[AUDIO, BATCH_SIZE, PROFILE]);
+pub const SPEAK: Form = Form(&[AUDIO, BATCH_SIZE, PROFILE, STREAM]);
 
 /// Error codes the upload routes can answer with a 400 (for the OpenAPI descriptions).
-pub const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `invalid_profile`, `field_too_long`, `invalid_utf8`";
+pub const UPLOAD_400: &str = "Bad input: `invalid_multipart`, `duplicate_part`, `unknown_part`, `missing_part`, `empty_file`, `invalid_video`, `invalid_audio`, `invalid_avatar_id`, `invalid_bbox_shift`, `invalid_batch_size`, `invalid_profile`, `invalid_stream`, `field_too_long`, `invalid_utf8`";
 
 impl Form {
     fn part(&self, name: &str) -> Option<&'static Part> {

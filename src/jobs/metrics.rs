@@ -53,6 +53,30 @@ pub struct ExitLabels {
     pub code: String,
 }
 
+/// Labels that tell realtime configurations apart, bounded: the model version (`v15`,
+/// `v1`, or the backend's name when it is not MuseTalk), fp16 on/off, a batch-size bucket,
+/// and the worker (`gpu0`…, or `none`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub mode: &'static str,
+    pub version: String,
+    pub fp16: &'static str,
+    pub batch_size: &'static str,
+    pub worker: String,
+}
+
+/// `batch_size` label: a bucket, never the raw number.
+pub fn batch_bucket(n: Option<u32>) -> &'static str {
+    match n {
+        None => "default",
+        Some(0..=4) => "1-4",
+        Some(5..=8) => "5-8",
+        Some(9..=16) => "9-16",
+        Some(17..=32) => "17-32",
+        Some(_) => "33+",
+    }
+}
+
 /// The job runner's families. Built and registered in one expression each ([`registered`]).
 #[derive(Debug)]
 pub struct JobFamilies {
@@ -70,6 +94,9 @@ pub struct JobFamilies {
     pub output_input_ratio: Family<ModeLabels, Histogram, Buckets>,
     pub subprocess_exits: Family<ExitLabels, Counter>,
     pub realtime_factor: Family<ModeLabels, Histogram, Buckets>,
+    pub time_to_first_frame: Family<LatencyLabels, TracedHistogram, Buckets>,
+    pub batch_duration: Family<LatencyLabels, TracedHistogram, Buckets>,
+    pub time_to_first_byte: Family<LatencyLabels, TracedHistogram, Buckets>,
 }
 
 impl JobFamilies {
@@ -91,6 +118,9 @@ impl JobFamilies {
             output_input_ratio: registered(r, "musetalk_output_input_size", "Output size divided by total input size.", Some(ratio()), Buckets::family(RATIO_BUCKETS)),
             subprocess_exits: registered(r, "musetalk_subprocess_exits", "Pipeline subprocess exits by exit code (or signal).", None, Family::default()),
             realtime_factor: registered(r, "musetalk_realtime_factor", "Output video seconds per second of processing (1 = real time).", None, Buckets::family(REALTIME_BUCKETS)),
+            time_to_first_frame: registered(r, "musetalk_time_to_first_frame", "Request accepted to the first output frame ready; exemplars carry the trace id.", s(), Buckets::family(STEP_BUCKETS)),
+            batch_duration: registered(r, "musetalk_batch_duration", "One model batch (UNet + VAE decode) as the worker timed it; exemplars carry the trace id.", s(), Buckets::family(STEP_BUCKETS)),
+            time_to_first_byte: registered(r, "musetalk_time_to_first_byte", "Request accepted to the first byte of a streamed answer sent; exemplars carry the trace id.", s(), Buckets::family(STEP_BUCKETS)),
         }
     }
 }

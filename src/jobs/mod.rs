@@ -59,7 +59,7 @@ pub enum Work {
     Prepare { avatar: Arc<avatars::Avatar> },
     /// Realtime: speak a clip with a prepared avatar.
     /// The lease keeps the avatar from being deleted until the job ends.
-    Speak { avatar: avatars::AvatarLease, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32>, profile: bool },
+    Speak { avatar: avatars::AvatarLease, audio: PathBuf, audio_info: MediaInfo, batch_size: Option<u32>, profile: bool, stream: bool },
 }
 
 impl Work {
@@ -76,12 +76,13 @@ impl Work {
             batch_size: None,
             avatar_id: Some(avatar.to_string()),
             profile: false,
+            stream: false,
         };
         match self {
             Work::Simple(i) => i.clone(),
             Work::Prepare { avatar } => JobInput { bbox_shift: avatar.bbox_shift, ..base(&avatar.video, &avatar.video_info, &avatar.id) },
-            Work::Speak { avatar, audio, audio_info, batch_size, profile } => {
-                JobInput { audio: audio.clone(), audio_info: audio_info.clone(), batch_size: *batch_size, profile: *profile, ..base(&avatar.video, &avatar.video_info, &avatar.id) }
+            Work::Speak { avatar, audio, audio_info, batch_size, profile, stream } => {
+                JobInput { audio: audio.clone(), audio_info: audio_info.clone(), batch_size: *batch_size, profile: *profile, stream: *stream, ..base(&avatar.video, &avatar.video_info, &avatar.id) }
             }
         }
     }
@@ -183,9 +184,59 @@ pub struct Job {
     report: Mutex<Option<Report>>,
     output: Mutex<Option<PathBuf>>,
     finished_at: Mutex<Option<Instant>>,
+    /// Latency as it happens: a streamed answer reads it while the job runs.
+    live: Mutex<Live>,
+}
+
+/// What a job's latency showed so far (realtime: first frame, batches, first byte).
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    pub first_frame: Option<SystemTime>,
+    pub batches: Vec<f64>,
+    pub first_byte_seconds: Option<f64>,
+    /// Where the engine writes the output progressively (fragmented MP4), when it does.
+    pub streaming_to: Option<PathBuf>,
+    /// The job's configuration labels, set when it ends: a first byte sent after that is
+    /// observed by the sender, one sent before by the job's end (never both, never neither).
+    labels: Option<metrics::LatencyLabels>,
+    first_byte_observed: bool,
 }
 
 impl Job {
+    /// The latency so far.
+    pub fn live(&self) -> Live {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn update_live(&self, f: impl FnOnce(&mut Live)) {
+        f(&mut self.live.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Records the first byte of a streamed answer (once), observed in
+    /// `musetalk_time_to_first_byte_seconds` here if the job has already ended.
+    pub fn first_byte_sent(&self, m: &Metrics) {
+        let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if l.first_byte_seconds.is_some() {
+            return;
+        }
+        l.first_byte_seconds = Some(self.created_at.elapsed().as_secs_f64());
+        Self::observe_first_byte(&mut l, m, &self.trace_id);
+    }
+
+    /// The job ended with `labels`: observes a first byte already sent.
+    pub(crate) fn latency_labels_known(&self, labels: metrics::LatencyLabels, m: &Metrics) {
+        let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        l.labels = Some(labels);
+        Self::observe_first_byte(&mut l, m, &self.trace_id);
+    }
+
+    fn observe_first_byte(l: &mut Live, m: &Metrics, trace_id: &str) {
+        if let (Some(s), Some(labels), false) = (l.first_byte_seconds, &l.labels, l.first_byte_observed) {
+            Metrics::observe_traced(&m.job.time_to_first_byte, labels, s, trace_id);
+            l.first_byte_observed = true;
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         let mut s = self.status.borrow().clone();
         s.elapsed_seconds = if s.state.is_terminal() {
@@ -503,6 +554,7 @@ impl JobManager {
             report: Mutex::default(),
             output: Mutex::default(),
             finished_at: Mutex::default(),
+            live: Mutex::default(),
         });
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, job.clone());
         Ok(job)

@@ -93,9 +93,64 @@ pub struct Report {
     pub resources: Window,
     /// Absent without GPU data.
     pub gpu_energy: Option<GpuEnergy>,
+    /// Latency (time to first frame, per-batch, time to first byte of a streamed answer)
+    /// and the configuration labels its metrics carry.
+    pub latency: Latency,
     /// The job's Python profile (py-spy), when it was profiled; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<crate::profile::ProfileReport>,
+}
+
+/// What realtime users judge a job by, and the labels that tell configurations apart.
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct Latency {
+    /// Request accepted → the first output frame ready (the engine's own report of it).
+    pub time_to_first_frame_seconds: Option<f64>,
+    /// Request accepted → the first byte of a streamed answer sent (`stream=true`).
+    pub time_to_first_byte_seconds: Option<f64>,
+    /// The model's batches (UNet + VAE decode) as the worker timed them.
+    pub batches: Option<BatchLatency>,
+    /// `v15`, `v1`, or the backend's name when it is not MuseTalk.
+    pub version: String,
+    pub fp16: bool,
+    /// `1-4`, `5-8`, `9-16`, `17-32`, `33+` or `default`.
+    pub batch_size: String,
+    /// The realtime worker, or `none`.
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct BatchLatency {
+    pub count: u64,
+    pub first_seconds: f64,
+    pub mean_seconds: f64,
+    pub max_seconds: f64,
+}
+
+impl Latency {
+    pub fn from_live(l: &super::Live, created: std::time::SystemTime, labels: super::metrics::LatencyLabels) -> Self {
+        let batches = (!l.batches.is_empty()).then(|| BatchLatency {
+            count: l.batches.len() as u64,
+            first_seconds: l.batches[0],
+            mean_seconds: l.batches.iter().sum::<f64>() / l.batches.len() as f64,
+            max_seconds: l.batches.iter().cloned().fold(0.0, f64::max),
+        });
+        Latency {
+            time_to_first_frame_seconds: l.first_frame.and_then(|t| t.duration_since(created).ok()).map(|d| d.as_secs_f64()),
+            time_to_first_byte_seconds: l.first_byte_seconds,
+            batches,
+            version: labels.version,
+            fp16: labels.fp16 == "true",
+            batch_size: labels.batch_size.to_string(),
+            worker: labels.worker,
+        }
+    }
+
+    /// The metric labels of this job's latency figures.
+    pub fn labels(&self, mode: &'static str) -> super::metrics::LatencyLabels {
+        let bucket = ["1-4", "5-8", "9-16", "17-32", "33+", "default"].into_iter().find(|b| *b == self.batch_size).unwrap_or("default");
+        super::metrics::LatencyLabels { mode, version: self.version.clone(), fp16: if self.fp16 { "true" } else { "false" }, batch_size: bucket, worker: self.worker.clone() }
+    }
 }
 
 /// Fills `percent` from seconds against `total`.
@@ -205,6 +260,20 @@ impl Report {
                     ));
                 }
             }
+        }
+        let l = &self.latency;
+        if l.time_to_first_frame_seconds.is_some() || l.time_to_first_byte_seconds.is_some() || l.batches.is_some() {
+            let mut parts = Vec::new();
+            if let Some(t) = l.time_to_first_frame_seconds {
+                parts.push(format!("first frame {t:.3} s"));
+            }
+            if let Some(t) = l.time_to_first_byte_seconds {
+                parts.push(format!("first byte {t:.3} s"));
+            }
+            if let Some(b) = &l.batches {
+                parts.push(format!("{} batches: first {:.3} s, mean {:.3} s, max {:.3} s", b.count, b.first_seconds, b.mean_seconds, b.max_seconds));
+            }
+            s.push_str(&format!("\nLatency: {}  ({} {}, fp16 {}, batch {}, worker {})\n", parts.join(", "), self.backend, l.version, l.fp16, l.batch_size, l.worker));
         }
         if let Some(p) = &self.profile {
             s.push_str(&profile_text(p, &self.stages));

@@ -14,7 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
 use super::avatars::{Avatar, AvatarState};
 use super::{Admission, Job, JobEvent, JobManager, JobState, Progress, Step, Work};
-use super::metrics::{ExitLabels, InputLabels, JobLabels, StageLabels, StepLabels};
+use super::metrics::{ExitLabels, InputLabels, JobLabels, LatencyLabels, StageLabels, StepLabels, batch_bucket};
 use crate::metrics::{Metrics, ModeLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, JobInput, PipelineError, ProcessOutcome, RunOptions};
@@ -316,6 +316,7 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
         output: output.clone(),
         batch_size: inputs.batch_size,
         traceparent: telemetry::traceparent(&span),
+        stream: inputs.stream,
     };
     if let Some(w) = &rec.worker {
         span.set_attribute("musetalk.worker", w.clone());
@@ -384,6 +385,11 @@ impl<'a> EngineRecorder<'a> {
             EngineEvent::StageStart { name, at } => self.stages.start(name, at),
             EngineEvent::StageEnd { name, at } => self.stages.end(name, at),
             EngineEvent::Progress { done, total } => self.stages.progress(done, total),
+            EngineEvent::FirstFrame { at } => self.stages.job.update_live(|l| {
+                l.first_frame.get_or_insert(at);
+            }),
+            EngineEvent::Batch { seconds, .. } => self.stages.job.update_live(|l| l.batches.push(seconds)),
+            EngineEvent::StreamingTo { path } => self.stages.job.update_live(|l| l.streaming_to = Some(path)),
             EngineEvent::Process { pid, shared } => {
                 self.span.set_attribute("process.pid", pid as i64);
                 if self.guard.is_none() {
@@ -617,6 +623,8 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
         joules,
         per_output_second: rec.output_seconds.filter(|o| *o > 0.0).map(|o| joules / o),
     });
+    let live = job.live();
+    let latency = report::Latency::from_live(&live, job.created, latency_labels(m, job, inputs, rec));
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
     let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
@@ -655,6 +663,19 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
         resources,
         gpu_energy,
         profile: None,
+        latency,
+    }
+}
+
+/// The labels that tell realtime configurations apart (bounded; README "Latency").
+fn latency_labels(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record) -> LatencyLabels {
+    let musetalk = m.config.backend == crate::config::BackendKind::Musetalk;
+    LatencyLabels {
+        mode: job.mode.as_str(),
+        version: if musetalk { m.config.musetalk_version.clone() } else { job.backend.to_string() },
+        fp16: if musetalk && m.config.musetalk_float16 { "true" } else { "false" },
+        batch_size: batch_bucket(inputs.batch_size.or(m.config.musetalk_batch_size.filter(|_| musetalk))),
+        worker: rec.worker.clone().unwrap_or_else(|| "none".into()),
     }
 }
 
@@ -691,6 +712,19 @@ fn record_job_span(job: &Job, inputs: &JobInput, report: &Report) {
     set_ap("musetalk.resources.pipeline.gpu_memory", r.tree.as_ref().and_then(|t| t.gpu_memory));
     set_ap("musetalk.resources.gpu.utilization", r.gpus.first().and_then(|g| g.utilization));
     set_ap("musetalk.resources.gpu.memory_used", r.gpus.first().and_then(|g| g.memory_used_bytes));
+    let l = &report.latency;
+    for (k, v) in [("musetalk.model.version", &l.version), ("musetalk.batch_size_bucket", &l.batch_size.to_string()), ("musetalk.worker", &l.worker)] {
+        js.set_attribute(k, v.clone());
+    }
+    js.set_attribute("musetalk.fp16", l.fp16);
+    if let Some(t) = l.time_to_first_frame_seconds {
+        js.set_attribute("musetalk.time_to_first_frame_seconds", t);
+    }
+    if let Some(b) = &l.batches {
+        js.set_attribute("musetalk.batch.count", b.count as i64);
+        js.set_attribute("musetalk.batch.mean_seconds", b.mean_seconds);
+        js.set_attribute("musetalk.batch.max_seconds", b.max_seconds);
+    }
     if let Some(p) = &report.profile {
         match (&p.url, &p.unavailable) {
             (Some(url), _) => {
@@ -729,4 +763,12 @@ fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Repor
     if let Some(r) = report.media.realtime_factor {
         m.metrics.job.realtime_factor.get_or_create(&ml).observe(r);
     }
+    let labels = report.latency.labels(mode);
+    if let Some(t) = report.latency.time_to_first_frame_seconds {
+        Metrics::observe_traced(&m.metrics.job.time_to_first_frame, &labels, t, &job.trace_id);
+    }
+    for b in job.live().batches {
+        Metrics::observe_traced(&m.metrics.job.batch_duration, &labels, b, &job.trace_id);
+    }
+    job.latency_labels_known(labels, &m.metrics);
 }

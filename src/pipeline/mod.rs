@@ -36,6 +36,13 @@ pub enum EngineEvent {
     Progress { done: u64, total: Option<u64> },
     /// A process now does the work; `shared` when it is a pool worker that outlives the job.
     Process { pid: u32, shared: bool },
+    /// The first output frame is ready: the job's time to first frame ends here.
+    FirstFrame { at: std::time::SystemTime },
+    /// One batch of the model (UNet + VAE decode) took `seconds` for `frames` frames.
+    Batch { seconds: f64, frames: Option<u64> },
+    /// The output is being written progressively (fragmented MP4) at `path`: a streamed
+    /// answer can follow the file as it grows.
+    StreamingTo { path: std::path::PathBuf },
 }
 
 pub type Sink<'a> = &'a mut (dyn FnMut(EngineEvent) + Send);
@@ -56,6 +63,9 @@ pub struct JobInput {
     pub avatar_id: Option<String>,
     /// The client asked for a Python profile (`profile=true`): for the job runner, not backends.
     pub profile: bool,
+    /// A streamed answer follows the output: write it progressively (fragmented MP4) where
+    /// the backend can; others write it whole and the answer streams it at the end.
+    pub stream: bool,
 }
 
 impl JobInput {

@@ -228,6 +228,7 @@ mod tests {
                 StageEvent::Start { name, .. } => format!("+{name}"),
                 StageEvent::End { name, .. } => format!("-{name}"),
                 StageEvent::Progress { done, total } => format!("{done}/{}", total.unwrap_or(0)),
+                StageEvent::FirstFrame { .. } => "first".into(),
             })
             .collect()
     }
@@ -299,6 +300,7 @@ mod tests {
             batch_size: Some(4),
             avatar_id: None,
             profile: false,
+            stream: false,
         };
         assert_eq!(m.expected_output(&job), PathBuf::from("/data/jobs/j/result/v15/v_j_a_j.mp4"));
     }

@@ -99,6 +99,10 @@ pub struct Render {
     /// Frame budget in bytes (tests make it small to exercise the chunked plan).
     #[arg(long, default_value_t = FRAME_BUDGET_BYTES)]
     pub budget: u64,
+    /// Write the output as fragmented MP4 (a fragment every half second, written as it is
+    /// encoded), for a streamed answer that follows the file as it grows.
+    #[arg(long)]
+    pub fragmented: bool,
 }
 
 /// One ffmpeg run of a plan, or a file the plan writes first.
@@ -131,7 +135,17 @@ fn video_filter(fps: f64) -> String {
 fn encode_args(r: &Render) -> Vec<String> {
     let mut a: Vec<String> = ["-map", "[v]", "-map", "1:a:0", "-t"].iter().map(|x| s(x)).collect();
     a.push(format!("{:.3}", r.seconds));
-    a.extend(["-r", &format!("{}", r.fps), "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-progress", "pipe:1", "-nostats"].iter().map(|x| s(x)));
+    a.extend(["-r", &format!("{}", r.fps), "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k"].iter().map(|x| s(x)));
+    if r.fragmented {
+        // A keyframe (and so a fragment) every half second, no encoder look-ahead: each
+        // fragment is written as soon as its frames are encoded.
+        let gop = ((r.fps / 2.0).round() as u64).max(1).to_string();
+        a.extend(["-tune", "zerolatency", "-g", &gop, "-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1"].iter().map(|x| s(x)));
+    } else {
+        a.extend(["-movflags", "+faststart"].iter().map(|x| s(x)));
+    }
+    // Progress every 0.1 s: its first `frame=` is the job's first frame out.
+    a.extend(["-stats_period", "0.1", "-progress", "pipe:1", "-nostats"].iter().map(|x| s(x)));
     a.push(p(&r.out));
     a
 }
@@ -322,6 +336,9 @@ impl Backend for Preview {
         if v.is_still() {
             args.push(s("--still"));
         }
+        if job.stream {
+            args.push(s("--fragmented"));
+        }
         Ok(Invocation { program: p(&self.exe), args, cwd: job.dir.clone(), env: self.env.clone() })
     }
 
@@ -365,6 +382,7 @@ mod tests {
             height: size.1,
             still: false,
             budget: FRAME_BUDGET_BYTES,
+            fragmented: false,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct InferRequest {
     pub output: PathBuf,
     pub batch_size: Option<u32>,
     pub traceparent: Option<String>,
+    /// A streamed answer follows the output (`stream=true`).
+    pub stream: bool,
 }
 
 /// Exclusive use of whatever runs realtime work, for one request.
@@ -236,6 +238,9 @@ impl Slot for PreviewSlot {
             let backend = super::preview::Preview::new(&self.config);
             let inv = super::Backend::prepare(&backend, &job)?;
             let parser = super::Backend::stage_parser(&backend, &job);
+            if req.stream {
+                sink(EngineEvent::StreamingTo { path: super::preview::Preview::output_path(&job) });
+            }
             self.run(inv, parser, sink, cancel, timeout).await?;
             let out = super::preview::Preview::output_path(&job);
             std::fs::rename(&out, &req.output).map_err(|e| PipelineError::Output(format!("moving {} to {}: {e}", out.display(), req.output.display())))?;
@@ -257,6 +262,7 @@ fn preview_job(req: &InferRequest) -> JobInput {
         batch_size: req.batch_size,
         avatar_id: Some(req.avatar_id.clone()),
         profile: false,
+        stream: req.stream,
     }
 }
 
@@ -306,6 +312,9 @@ impl WorkerSlot {
                         Event::StageStart { name, t, .. } => sink(EngineEvent::StageStart { name: super::stages::sanitize_stage(&name), at: wall(t) }),
                         Event::StageEnd { name, t, .. } => sink(EngineEvent::StageEnd { name: super::stages::sanitize_stage(&name), at: wall(t) }),
                         Event::Progress { done, total, .. } => sink(EngineEvent::Progress { done, total }),
+                        Event::FirstFrame { t, .. } => sink(EngineEvent::FirstFrame { at: wall(t) }),
+                        Event::Batch { seconds, frames, .. } if seconds.is_finite() && seconds >= 0.0 => sink(EngineEvent::Batch { seconds, frames }),
+                        Event::Batch { .. } => {}
                         Event::Result { .. } => return Ok(()),
                         Event::Error { message, .. } => return Err(PipelineError::Reported(format!("worker {name}: {message}"))),
                         Event::Ready { .. } => {}
@@ -365,6 +374,12 @@ impl Slot for WorkerSlot {
             });
             if let Some(b) = req.batch_size {
                 body["batch_size"] = b.into();
+            }
+            // A worker that said it streams writes the output progressively; an older one
+            // writes it whole and the answer streams it when the job ends.
+            if req.stream && self.lease.worker().streams() {
+                body["stream"] = true.into();
+                sink(EngineEvent::StreamingTo { path: req.output.clone() });
             }
             self.call("infer", req.job_id.clone(), req.traceparent.clone(), body, sink, cancel, timeout).await
         })

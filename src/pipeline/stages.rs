@@ -16,6 +16,8 @@ pub enum StageEvent {
     Start { name: String, at: Instant },
     End { name: String, at: Instant },
     Progress { done: u64, total: Option<u64> },
+    /// The first output frame is ready (time to first frame).
+    FirstFrame { at: Instant },
 }
 
 /// Reads a child's lines. One parser per job run.
@@ -201,11 +203,12 @@ pub struct FfmpegProgress {
     stages: SequentialStages,
     total_frames: Option<u64>,
     stage: &'static str,
+    first_frame: bool,
 }
 
 impl FfmpegProgress {
     pub fn new(stage: &'static str, total_frames: Option<u64>) -> Self {
-        FfmpegProgress { stages: SequentialStages::new(), total_frames, stage }
+        FfmpegProgress { stages: SequentialStages::new(), total_frames, stage, first_frame: false }
     }
 }
 
@@ -219,7 +222,17 @@ impl StageParser for FfmpegProgress {
             return Vec::new();
         }
         match line.split_once('=') {
-            Some(("frame", n)) => n.trim().parse().map(|done| vec![StageEvent::Progress { done, total: self.total_frames }]).unwrap_or_default(),
+            Some(("frame", n)) => {
+                let Ok(done) = n.trim().parse::<u64>() else { return Vec::new() };
+                let mut evs = Vec::new();
+                // ffmpeg reports encoded frames: the first one is the first frame out.
+                if done > 0 && !self.first_frame {
+                    self.first_frame = true;
+                    evs.push(StageEvent::FirstFrame { at });
+                }
+                evs.push(StageEvent::Progress { done, total: self.total_frames });
+                evs
+            }
             Some(("progress", "end")) => self.stages.close(at),
             _ => Vec::new(),
         }
@@ -276,7 +289,10 @@ mod tests {
         let t = Instant::now();
         let mut p = FfmpegProgress::new("video_encoding", Some(50));
         assert_eq!(p.begin(t), vec![StageEvent::Start { name: "video_encoding".into(), at: t }]);
-        assert_eq!(p.line(Stream::Stdout, "frame=25", t), vec![StageEvent::Progress { done: 25, total: Some(50) }]);
+        // No frame yet, then the first frames out: the first frame is said once.
+        assert_eq!(p.line(Stream::Stdout, "frame=0", t), vec![StageEvent::Progress { done: 0, total: Some(50) }]);
+        assert_eq!(p.line(Stream::Stdout, "frame=25", t), vec![StageEvent::FirstFrame { at: t }, StageEvent::Progress { done: 25, total: Some(50) }]);
+        assert_eq!(p.line(Stream::Stdout, "frame=30", t), vec![StageEvent::Progress { done: 30, total: Some(50) }]);
         assert_eq!(p.line(Stream::Stdout, "progress=end", t), vec![StageEvent::End { name: "video_encoding".into(), at: t }]);
         assert!(p.finish(t).is_empty());
     }

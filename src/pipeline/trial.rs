@@ -71,7 +71,7 @@ pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String
     make(&config.ffmpeg, "sine=frequency=440:sample_rate=16000", &[], &audio).await?;
     let video_info = media::probe_decoding(&config.ffprobe, &video, true).await.map_err(|e| format!("file_processing: the trial video: {e}"))?;
     let audio_info = media::probe_decoding(&config.ffprobe, &audio, false).await.map_err(|e| format!("file_processing: the trial audio: {e}"))?;
-    let job = JobInput { job_id: "trial".into(), dir: dir.0.join("job"), video, audio, video_info, audio_info, bbox_shift: None, batch_size: None, avatar_id: None, profile: false };
+    let job = JobInput { job_id: "trial".into(), dir: dir.0.join("job"), video, audio, video_info, audio_info, bbox_shift: None, batch_size: None, avatar_id: None, profile: false, stream: false };
     std::fs::create_dir_all(&job.dir).map_err(|e| format!("cannot create {}: {e}", job.dir.display()))?;
 
     let started = Instant::now();

@@ -82,6 +82,23 @@ pub enum Event {
         worker: serde_json::Value,
         #[serde(default)]
         load_seconds: Option<f64>,
+        /// Protocol version (absent: 1). 2 adds `first_frame`, `batch` and `stream`.
+        #[serde(default)]
+        protocol: Option<u32>,
+        /// What the worker can do beyond version 1: `stream` (progressive fragmented MP4).
+        #[serde(default)]
+        capabilities: Vec<String>,
+    },
+    /// Version 2: the first output frame is ready (`t`: the worker's monotonic clock).
+    FirstFrame { id: Option<String>, t: Option<f64> },
+    /// Version 2: one model batch (UNet + VAE decode) took `seconds` for `frames` frames.
+    Batch {
+        id: Option<String>,
+        #[serde(default)]
+        index: Option<u64>,
+        #[serde(default)]
+        frames: Option<u64>,
+        seconds: f64,
     },
     StageStart { id: Option<String>, name: String, t: Option<f64> },
     StageEnd { id: Option<String>, name: String, t: Option<f64> },
@@ -102,7 +119,13 @@ impl Event {
     fn id(&self) -> Option<&str> {
         match self {
             Event::Ready { .. } => None,
-            Event::StageStart { id, .. } | Event::StageEnd { id, .. } | Event::Progress { id, .. } | Event::Result { id, .. } | Event::Error { id, .. } => id.as_deref(),
+            Event::StageStart { id, .. }
+            | Event::StageEnd { id, .. }
+            | Event::Progress { id, .. }
+            | Event::Result { id, .. }
+            | Event::Error { id, .. }
+            | Event::FirstFrame { id, .. }
+            | Event::Batch { id, .. } => id.as_deref(),
         }
     }
 }
@@ -157,9 +180,16 @@ pub struct Worker {
     ready: AtomicBool,
     stderr_tail: Mutex<VecDeque<String>>,
     pid: Mutex<Option<u32>>,
+    /// Said in `ready`: the worker writes a streamed infer's output progressively.
+    streams: AtomicBool,
 }
 
 impl Worker {
+    /// The worker said it can write an infer's output progressively (protocol 2, `stream`).
+    pub fn streams(&self) -> bool {
+        self.streams.load(Ordering::Acquire)
+    }
+
     fn new(spec: WorkerSpec) -> Self {
         Worker {
             spec,
@@ -170,6 +200,7 @@ impl Worker {
             ready: AtomicBool::new(false),
             stderr_tail: Mutex::new(VecDeque::new()),
             pid: Mutex::new(None),
+            streams: AtomicBool::new(false),
         }
     }
 
@@ -378,9 +409,10 @@ impl WorkerPool {
             tokio::select! {
                 line = async { match stdout.as_mut() { Some(r) => read_lossy_line(r).await, None => std::future::pending().await } } => match line {
                     Some(line) => match parse_event(&line) {
-                        Some(Event::Ready { worker: info, load_seconds }) => {
+                        Some(Event::Ready { worker: info, load_seconds, protocol, capabilities }) => {
                             if !reached_ready {
                                 reached_ready = true;
+                                worker.streams.store(protocol.unwrap_or(1) >= 2 && capabilities.iter().any(|c| c == "stream"), Ordering::Release);
                                 worker.ready.store(true, Ordering::Release);
                                 self.metrics.worker.worker_up.get_or_create(&self.labels(i)).set(1);
                                 tracing::info!(worker = %spec.name, load_seconds, info = %info, "realtime worker ready");
@@ -498,7 +530,13 @@ mod tests {
 
     #[test]
     fn events_parse_and_junk_is_ignored() {
-        assert_eq!(parse_event(r#"{"event":"ready","worker":{"name":"x"},"load_seconds":1.5}"#), Some(Event::Ready { worker: serde_json::json!({"name":"x"}), load_seconds: Some(1.5) }));
+        assert_eq!(parse_event(r#"{"event":"ready","worker":{"name":"x"},"load_seconds":1.5}"#), Some(Event::Ready { worker: serde_json::json!({"name":"x"}), load_seconds: Some(1.5), protocol: None, capabilities: vec![] }));
+        assert_eq!(
+            parse_event(r#"{"event":"ready","worker":{},"protocol":2,"capabilities":["stream"]}"#),
+            Some(Event::Ready { worker: serde_json::json!({}), load_seconds: None, protocol: Some(2), capabilities: vec!["stream".into()] })
+        );
+        assert_eq!(parse_event(r#"{"event":"first_frame","id":"a","t":3.25}"#), Some(Event::FirstFrame { id: Some("a".into()), t: Some(3.25) }));
+        assert_eq!(parse_event(r#"{"event":"batch","id":"a","index":0,"frames":8,"seconds":0.125}"#), Some(Event::Batch { id: Some("a".into()), index: Some(0), frames: Some(8), seconds: 0.125 }));
         assert_eq!(
             parse_event(r#"{"event":"stage_start","id":"a","name":"unet_inference","t":12.5,"traceparent":"00-x"}"#),
             Some(Event::StageStart { id: Some("a".into()), name: "unet_inference".into(), t: Some(12.5) })
