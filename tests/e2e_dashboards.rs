@@ -44,6 +44,9 @@ const RATE_INTERVAL: &str = "2m";
 const RANGE: &str = "10m";
 /// The histogram families whose buckets carry trace-id exemplars (src/metrics.rs).
 const TRACED_FAMILIES: &[&str] = &[
+    "musetalk_time_to_first_frame_seconds",
+    "musetalk_batch_duration_seconds",
+    "musetalk_time_to_first_byte_seconds",
     "musetalk_job_duration_seconds",
     "musetalk_step_duration_seconds",
     "musetalk_stage_duration_seconds",
@@ -1627,6 +1630,8 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
                 .all(|s| s.metric.starts_with("musetalk_worker_"))
         })
     };
+    // A panel about model batches: only workers running a model report them.
+    let about_batches = |p: &Panel| p.targets.iter().all(|t| selectors(&t.expr).iter().all(|s| s.metric.starts_with("musetalk_batch_duration")));
     let eval = evaluate_dashboards(
         &prom,
         &dashboards(),
@@ -1634,6 +1639,8 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
         &|_, p| {
             if about_workers(p) {
                 Some("no realtime worker configured".into())
+            } else if about_batches(p) {
+                Some("the preview engine runs no model batches".into())
             } else {
                 None
             }
@@ -1644,4 +1651,6 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
     eval.assert_clean(&prom);
     let worker_waivers = eval.waived.iter().filter(|w| w.contains("no realtime worker")).count();
     assert!(worker_waivers <= 2, "only the two worker panels may be waived for the missing worker: {:#?}", eval.waived);
+    let batch_waivers = eval.waived.iter().filter(|w| w.contains("no model batches")).count();
+    assert!(batch_waivers <= 1, "only the batch panel may be waived for the preview engine: {:#?}", eval.waived);
 }

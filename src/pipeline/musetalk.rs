@@ -179,6 +179,8 @@ pub struct MuseTalkParser {
     stages: SequentialStages,
     output: Option<PathBuf>,
     error: Option<String>,
+    /// In `unet_inference`: batches done so far and when the last of them was seen.
+    batches: Option<(u64, Instant)>,
 }
 
 impl StageParser for MuseTalkParser {
@@ -188,7 +190,23 @@ impl StageParser for MuseTalkParser {
 
     fn line(&mut self, stream: Stream, line: &str, at: Instant) -> Vec<StageEvent> {
         if stream == Stream::Stderr {
-            return tqdm_progress(line).map(|(done, total)| vec![StageEvent::Progress { done, total: Some(total) }]).unwrap_or_default();
+            let Some((done, total)) = tqdm_progress(line) else { return Vec::new() };
+            let mut evs = Vec::new();
+            // MuseTalk's UNet loop draws one tqdm step per batch: the time between steps is
+            // the batch's (tqdm may draw several at once: their time is shared out), and the
+            // first step is the first frame out of the model.
+            if let (Some("unet_inference"), Some((seen, since))) = (self.stages.current(), self.batches)
+                && done > seen
+            {
+                if seen == 0 {
+                    evs.push(StageEvent::FirstFrame { at });
+                }
+                let each = at.saturating_duration_since(since).as_secs_f64() / (done - seen) as f64;
+                evs.extend((seen..done).map(|_| StageEvent::Batch { seconds: each }));
+                self.batches = Some((done, at));
+            }
+            evs.push(StageEvent::Progress { done, total: Some(total) });
+            return evs;
         }
         if let Some(rest) = line.strip_prefix(RESULT_MARKER) {
             self.output = Some(PathBuf::from(rest.trim()));
@@ -200,7 +218,12 @@ impl StageParser for MuseTalkParser {
             return self.stages.close(at);
         }
         match MARKERS.iter().find(|(m, _)| line.starts_with(m)) {
-            Some((_, stage)) => self.stages.enter(stage, at),
+            Some((_, stage)) => {
+                if *stage == "unet_inference" && self.batches.is_none() {
+                    self.batches = Some((0, at));
+                }
+                self.stages.enter(stage, at)
+            }
             None => Vec::new(),
         }
     }
@@ -229,6 +252,7 @@ mod tests {
                 StageEvent::End { name, .. } => format!("-{name}"),
                 StageEvent::Progress { done, total } => format!("{done}/{}", total.unwrap_or(0)),
                 StageEvent::FirstFrame { .. } => "first".into(),
+                StageEvent::Batch { .. } => "batch".into(),
             })
             .collect()
     }
@@ -264,6 +288,26 @@ mod tests {
         );
         assert_eq!(p.reported_output(), Some(PathBuf::from("./r/v15/a_b.mp4")));
         assert_eq!(p.reported_error(), None);
+    }
+
+    #[test]
+    fn unet_tqdm_steps_are_batches_and_the_first_is_the_first_frame() {
+        let t = Instant::now();
+        let at = |ms: u64| t + std::time::Duration::from_millis(ms);
+        let mut p = MuseTalkParser::default();
+        p.begin(t);
+        p.line(Stream::Stdout, "Starting inference", at(0));
+        assert_eq!(p.line(Stream::Stderr, "  0%|          | 0/4 [00:00<?, ?it/s]", at(10)), vec![StageEvent::Progress { done: 0, total: Some(4) }]);
+        assert_eq!(
+            p.line(Stream::Stderr, " 25%|##        | 1/4 [00:00<00:00,  7.0it/s]", at(200)),
+            vec![StageEvent::FirstFrame { at: at(200) }, StageEvent::Batch { seconds: 0.2 }, StageEvent::Progress { done: 1, total: Some(4) }]
+        );
+        // Two steps drawn at once share the time since the last one.
+        let ev = p.line(Stream::Stderr, " 75%|######    | 3/4 [00:00<00:00,  7.0it/s]", at(500));
+        assert_eq!(ev, vec![StageEvent::Batch { seconds: 0.15 }, StageEvent::Batch { seconds: 0.15 }, StageEvent::Progress { done: 3, total: Some(4) }]);
+        // Bars of other stages are progress only.
+        p.line(Stream::Stdout, "Padding generated images to original video size", at(600));
+        assert_eq!(p.line(Stream::Stderr, " 10%|#         | 5/50 [00:00<00:00]", at(700)), vec![StageEvent::Progress { done: 5, total: Some(50) }]);
     }
 
     #[test]

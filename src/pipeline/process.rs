@@ -162,6 +162,7 @@ pub async fn run_invocation(inv: &Invocation, opts: &RunOptions, parser: &mut dy
                 super::StageEvent::End { name, at } => super::EngineEvent::StageEnd { name, at: clock.to_system(at) },
                 super::StageEvent::Progress { done, total } => super::EngineEvent::Progress { done, total },
                 super::StageEvent::FirstFrame { at } => super::EngineEvent::FirstFrame { at: clock.to_system(at) },
+                super::StageEvent::Batch { seconds } => super::EngineEvent::Batch { seconds, frames: None },
             });
         }
     };

@@ -18,6 +18,8 @@ pub enum StageEvent {
     Progress { done: u64, total: Option<u64> },
     /// The first output frame is ready (time to first frame).
     FirstFrame { at: Instant },
+    /// One model batch took `seconds` (from the pipeline's own per-batch progress).
+    Batch { seconds: f64 },
 }
 
 /// Reads a child's lines. One parser per job run.
