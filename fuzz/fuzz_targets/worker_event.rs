@@ -75,6 +75,8 @@ fn check(line: &str) {
         Event::Ready {
             worker,
             load_seconds,
+            protocol,
+            capabilities,
         } => {
             assert_eq!(
                 v.get("worker").unwrap_or(&Value::Null),
@@ -82,7 +84,22 @@ fn check(line: &str) {
                 "`worker` differs: {line:?}"
             );
             f64_field(&v, "load_seconds", *load_seconds, line);
+            u64_field(&v, "protocol", protocol.map(u64::from), line);
+            let listed: Vec<&str> = v.get("capabilities").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            assert_eq!(listed, capabilities.iter().map(String::as_str).collect::<Vec<_>>(), "`capabilities` differ: {line:?}");
             "ready"
+        }
+        Event::FirstFrame { id, t } => {
+            str_field(&v, "id", id.as_deref(), line);
+            f64_field(&v, "t", *t, line);
+            "first_frame"
+        }
+        Event::Batch { id, index, frames, seconds } => {
+            str_field(&v, "id", id.as_deref(), line);
+            u64_field(&v, "index", *index, line);
+            u64_field(&v, "frames", *frames, line);
+            f64_field(&v, "seconds", Some(*seconds), line);
+            "batch"
         }
         Event::StageStart { id, name, t } | Event::StageEnd { id, name, t } => {
             str_field(&v, "id", id.as_deref(), line);

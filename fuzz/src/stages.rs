@@ -59,7 +59,12 @@ impl StageTracker {
                     };
                     self.open.remove(i);
                 }
-                StageEvent::Progress { .. } => {}
+                StageEvent::Progress { .. } | StageEvent::FirstFrame { .. } => {}
+                StageEvent::Batch { seconds } => assert!(
+                    seconds.is_finite() && *seconds >= 0.0,
+                    "{}: {what}: batch of {seconds} s",
+                    self.who
+                ),
             }
         }
     }
