@@ -38,6 +38,8 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loopback import free_port  # noqa: E402
 # compare.sh --rev builds a committed revision in its own target dir and points here.
 TARGET = os.environ.get("MTS_BENCH_TARGET_DIR") or os.path.join(ROOT, "target")
 BIN = os.path.join(TARGET, "release", "musetalk-sidecar")
@@ -75,14 +77,6 @@ def cleanup():
             stop(p)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def task_cpu(pid):

@@ -20,39 +20,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def multipart(fields, files):
-    boundary = uuid.uuid4().hex
-    body = b""
-    for k, v in fields.items():
-        body += ("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n" % (boundary, k, v)).encode()
-    for k, path in files.items():
-        with open(path, "rb") as f:
-            data = f.read()
-        body += ("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
-                 "Content-Type: application/octet-stream\r\n\r\n" % (boundary, k, os.path.basename(path))).encode()
-        body += data + b"\r\n"
-    body += ("--%s--\r\n" % boundary).encode()
-    return body, "multipart/form-data; boundary=%s" % boundary
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loopback import free_port, multipart  # noqa: E402
 
 
 def post(base, path, fields, files):

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::media::file_part;
 use common::nvml::{FakeNvml, H100};
 use common::otlp::OtlpReceiver;
-use common::service::{Service, ServiceBuilder};
+use common::service::{Service, ServiceBuilder, json};
 use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
@@ -238,12 +238,6 @@ async fn every_gpu_series_reads_what_nvml_says() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find(|l| l.contains("nvml")).unwrap_or_else(|| panic!("no nvml line:\n{stdout}"));
     assert!(line.contains("2 GPUs, driver 550.54.15: NVIDIA H100 80GB HBM3, Tesla T4"), "{line}");
-}
-
-async fn json(r: reqwest::Response) -> (StatusCode, Value) {
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}")))
 }
 
 async fn infer(svc: &Service) -> Value {

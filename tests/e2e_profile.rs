@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::media::file_part;
 use common::otlp::OtlpReceiver;
-use common::service::{Service, ServiceBuilder};
+use common::service::{Service, ServiceBuilder, json};
 use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
@@ -39,12 +39,6 @@ fn tokens() -> (tempfile::TempDir, PathBuf) {
     let file = dir.path().join("tokens");
     std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
     (dir, file)
-}
-
-async fn json(r: reqwest::Response) -> (StatusCode, Value) {
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}")))
 }
 
 fn get(svc: &Service, path: &str) -> reqwest::RequestBuilder {

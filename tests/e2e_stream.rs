@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::media::file_part;
 use common::otlp::OtlpReceiver;
-use common::service::{Service, ServiceBuilder};
+use common::service::{Service, ServiceBuilder, json};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::multipart::Form;
@@ -28,12 +28,6 @@ fn repo(rel: &str) -> PathBuf {
 
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-async fn json(r: reqwest::Response) -> (StatusCode, Value) {
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}")))
 }
 
 fn worker_service(state: &Path, extra_env: &str) -> ServiceBuilder {

@@ -562,3 +562,10 @@ mod tests {
         );
     }
 }
+
+/// A response as its status and JSON body (panics with the body when it is not JSON).
+pub async fn json(r: reqwest::Response) -> (reqwest::StatusCode, serde_json::Value) {
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}")))
+}
