@@ -150,6 +150,9 @@ async fn a_streamed_speak_arrives_while_the_worker_still_works() {
     }
     let count = |name: &str| om.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok());
     assert_eq!(count("musetalk_batch_duration_seconds_count"), Some(10.0), "{om}");
+    // The first byte is observed once, whether it went out before or after the job ended.
+    assert_eq!(count("musetalk_time_to_first_byte_seconds_count"), Some(1.0), "{om}");
+    assert_eq!(count("musetalk_time_to_first_frame_seconds_count"), Some(1.0), "{om}");
     receiver.wait_for(Duration::from_secs(10), |spans| spans.iter().any(|s| s.trace_id == trace && s.name == "musetalk.job")).await;
 
     // A client that leaves mid-stream: its job runs to the end, the next speak is served,

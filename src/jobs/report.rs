@@ -355,6 +355,26 @@ mod tests {
     }
 
     #[test]
+    fn latency_from_what_the_job_saw() {
+        use super::super::metrics::{LatencyLabels, batch_bucket};
+        let created = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(100);
+        let live = super::super::Live { first_frame: Some(created + std::time::Duration::from_millis(750)), batches: vec![0.4, 0.1, 0.1], first_byte_seconds: Some(0.8), ..Default::default() };
+        let labels = LatencyLabels { mode: "realtime", version: "v15".into(), fp16: "true", batch_size: batch_bucket(Some(8)), worker: "gpu0".into() };
+        let l = Latency::from_live(&live, created, labels.clone());
+        assert_eq!(l.time_to_first_frame_seconds, Some(0.75));
+        assert_eq!(l.time_to_first_byte_seconds, Some(0.8));
+        let b = l.batches.as_ref().unwrap();
+        assert_eq!((b.count, b.first_seconds, b.max_seconds), (3, 0.4, 0.4));
+        assert!((b.mean_seconds - 0.2).abs() < 1e-9);
+        // The report's fields give back the metric labels.
+        assert_eq!(l.labels("realtime"), labels);
+        // Nothing seen: nothing claimed.
+        let none = Latency::from_live(&Default::default(), created, labels);
+        assert_eq!((none.time_to_first_frame_seconds, none.batches), (None, None));
+        assert_eq!([None, Some(1), Some(4), Some(5), Some(16), Some(17), Some(33), Some(256)].map(batch_bucket), ["default", "1-4", "1-4", "5-8", "9-16", "17-32", "33+", "33+"]);
+    }
+
+    #[test]
     fn byte_units() {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
