@@ -15,7 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use musetalk_sidecar::collector::gpu::GpuSource;
 use musetalk_sidecar::collector::nvml::NvmlDevices;
 use musetalk_sidecar::collector::{Collector, Sampler, cpu::CpuSource, memory::MemorySource, process::ProcessSource};
-use musetalk_sidecar::jobs::metrics::{JobLabels, StageLabels, StepLabels};
+use musetalk_sidecar::jobs::metrics::{JobDurationLabels, JobLabels, LatencyLabels, StageLabels, StepLabels};
 use musetalk_sidecar::metrics::Metrics;
 
 /// A process tree of 4: sh → 3 sleeping children, like a pipeline with helpers.
@@ -52,16 +52,17 @@ fn populated_metrics() -> Metrics {
     m.cpu.publish(Some(&musetalk_sidecar::collector::CpuSample { per_cpu: vec![0.5; 9], total: 0.5, modes: vec![[0.3, 0.0, 0.2, 0.4, 0.05, 0.03, 0.02]; 9] }));
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for mode in ["simple", "realtime"] {
+        let config = LatencyLabels { mode, version: "v15".into(), fp16: "true", batch_size: "5-8", worker: if mode == "realtime" { "gpu0".into() } else { "none".into() } };
         for outcome in ["succeeded", "failed"] {
             let l = JobLabels { mode, backend: "musetalk", outcome };
             m.job.jobs.get_or_create(&l).inc();
-            Metrics::observe_traced(&m.job.job_duration, &l, 12.0, trace);
+            Metrics::observe_traced(&m.job.job_duration, &JobDurationLabels::new("musetalk", outcome, &config), 12.0, trace);
         }
         for step in ["file_processing", "queue_wait", "config_creation", "subprocess_execution", "output_discovery", "response_preparation"] {
             Metrics::observe_traced(&m.job.step_duration, &StepLabels { mode, step }, 1.0, trace);
         }
         for stage in ["model_loading", "face_detection", "unet_inference", "blending"] {
-            Metrics::observe_traced(&m.job.stage_duration, &StageLabels { mode, stage: stage.into() }, 2.0, trace);
+            Metrics::observe_traced(&m.job.stage_duration, &StageLabels::new(stage.into(), &config), 2.0, trace);
         }
     }
     m

@@ -1222,8 +1222,10 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
             repo("tests/fixtures/worker/fixture_worker.py").display()
         ))
         .arg("--pipeline-env")
+        // The MuseTalk fixture sleeps a little per UNet batch, as a model does: its per-batch
+        // tqdm steps then come after the "Starting inference" marker they belong to.
         .arg(format!(
-            "PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_MODE=crash_once,FIXTURE_WORKER_STATE_DIR={}",
+            "PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_MODE=crash_once,FIXTURE_WORKER_STATE_DIR={},MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=0.3",
             worker_state.path().display()
         ))
         // One run slot and one queue place: two held uploads fill the service.

@@ -198,7 +198,11 @@ async fn worker_prepare_and_speak_are_traced_with_the_workers_stages() {
         assert_eq!(span_named(&prep, name).parent_span_id.as_deref(), Some(step.span_id.as_str()));
     }
     let m = metrics(&svc).await;
-    assert!(m.contains(r#"musetalk_stage_duration_seconds_count{mode="realtime",stage="unet_inference"} 1"#), "{m}");
+    // The stage histogram carries the configuration labels (README "Streamed speak and latency").
+    assert!(
+        m.lines().any(|l| l.starts_with(r#"musetalk_stage_duration_seconds_count{mode="realtime",stage="unet_inference",version="command",fp16="false",batch_size="default",worker="gpu0"}"#) && l.ends_with(" 1")),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,11 +33,40 @@ pub struct StepLabels {
 }
 
 /// `stage` comes from a bounded set (see `pipeline::stages`): MuseTalk's stage names,
-/// or a command pipeline's own names capped in count.
+/// or a command pipeline's own names capped in count; then the configuration labels of
+/// [`LatencyLabels`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub mode: &'static str,
     pub stage: String,
+    pub version: String,
+    pub fp16: &'static str,
+    pub batch_size: &'static str,
+    pub worker: String,
+}
+
+impl StageLabels {
+    pub fn new(stage: String, c: &LatencyLabels) -> Self {
+        StageLabels { mode: c.mode, stage, version: c.version.clone(), fp16: c.fp16, batch_size: c.batch_size, worker: c.worker.clone() }
+    }
+}
+
+/// `musetalk_job_duration_seconds`: the outcome, and the configuration labels of [`LatencyLabels`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobDurationLabels {
+    pub mode: &'static str,
+    pub backend: &'static str,
+    pub outcome: &'static str,
+    pub version: String,
+    pub fp16: &'static str,
+    pub batch_size: &'static str,
+    pub worker: String,
+}
+
+impl JobDurationLabels {
+    pub fn new(backend: &'static str, outcome: &'static str, c: &LatencyLabels) -> Self {
+        JobDurationLabels { mode: c.mode, backend, outcome, version: c.version.clone(), fp16: c.fp16, batch_size: c.batch_size, worker: c.worker.clone() }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,7 +111,7 @@ pub fn batch_bucket(n: Option<u32>) -> &'static str {
 pub struct JobFamilies {
     pub jobs: Family<JobLabels, Counter>,
     pub jobs_rejected: Family<RejectLabels, Counter>,
-    pub job_duration: Family<JobLabels, TracedHistogram, Buckets>,
+    pub job_duration: Family<JobDurationLabels, TracedHistogram, Buckets>,
     pub step_duration: Family<StepLabels, TracedHistogram, Buckets>,
     pub stage_duration: Family<StageLabels, TracedHistogram, Buckets>,
     pub queue_wait: Family<ModeLabels, Histogram, Buckets>,

@@ -14,7 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::report::{self, ErrorInfo, Files, Media, Report, Subprocess};
 use super::avatars::{Avatar, AvatarState};
 use super::{Admission, Job, JobEvent, JobManager, JobState, Progress, Step, Work};
-use super::metrics::{ExitLabels, InputLabels, JobLabels, LatencyLabels, StageLabels, StepLabels, batch_bucket};
+use super::metrics::{ExitLabels, InputLabels, JobDurationLabels, JobLabels, LatencyLabels, StageLabels, StepLabels, batch_bucket};
 use crate::metrics::{Metrics, ModeLabels, exit_code_label};
 use crate::pipeline::realtime::{EngineEvent, InferRequest, PrepareRequest};
 use crate::pipeline::{self, JobInput, PipelineError, ProcessOutcome, RunOptions};
@@ -134,6 +134,8 @@ struct EndedStage {
 struct StageRecorder<'a> {
     job: &'a Job,
     metrics: Arc<Metrics>,
+    /// The configuration labels its stage histograms carry.
+    config: LatencyLabels,
     tracer: opentelemetry::global::BoxedTracer,
     parent: opentelemetry::Context,
     open: HashMap<String, (SystemTime, opentelemetry::global::BoxedSpan)>,
@@ -142,10 +144,11 @@ struct StageRecorder<'a> {
 }
 
 impl<'a> StageRecorder<'a> {
-    fn new(job: &'a Job, metrics: Arc<Metrics>, step_span: &tracing::Span) -> Self {
+    fn new(job: &'a Job, metrics: Arc<Metrics>, step_span: &tracing::Span, config: LatencyLabels) -> Self {
         StageRecorder {
             job,
             metrics,
+            config,
             tracer: opentelemetry::global::tracer(telemetry::SCOPE),
             parent: step_span.context(),
             open: HashMap::new(),
@@ -171,7 +174,7 @@ impl<'a> StageRecorder<'a> {
     fn end(&mut self, name: String, at: SystemTime) {
         if let Some((t0, span)) = self.open.remove(&name) {
             let secs = at.duration_since(t0).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            Metrics::observe_traced(&self.metrics.job.stage_duration, &StageLabels { mode: self.job.mode.as_str(), stage: pipeline::stages::stage_label(&name) }, secs, &self.job.trace_id);
+            Metrics::observe_traced(&self.metrics.job.stage_duration, &StageLabels::new(pipeline::stages::stage_label(&name), &self.config), secs, &self.job.trace_id);
             self.ended.push(EndedStage { name: name.clone(), seconds: secs, start: t0, end: at, span });
             self.job.emit(JobEvent::StageEnd { stage: name, seconds: secs });
         }
@@ -321,7 +324,7 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
     if let Some(w) = &rec.worker {
         span.set_attribute("musetalk.worker", w.clone());
     }
-    let mut er = EngineRecorder::new(m, job, &span);
+    let mut er = EngineRecorder::new(m, job, &span, latency_labels(m, job, inputs.batch_size, rec));
     // The worker is already running: py-spy attaches to it for this request only.
     let attached = profiled.then(|| m.profiler().attach(slot.pid(), &job.dir.join("profile")));
     let result = slot.infer(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
@@ -356,7 +359,7 @@ async fn run_prepare(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, 
     if let Some(w) = &rec.worker {
         span.set_attribute("musetalk.worker", w.clone());
     }
-    let mut er = EngineRecorder::new(m, job, &span);
+    let mut er = EngineRecorder::new(m, job, &span, latency_labels(m, job, None, rec));
     let result = slot.prepare(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
     er.finish(rec);
     drop(slot);
@@ -376,8 +379,8 @@ struct EngineRecorder<'a> {
 }
 
 impl<'a> EngineRecorder<'a> {
-    fn new(m: &Arc<JobManager>, job: &'a Job, span: &tracing::Span) -> Self {
-        EngineRecorder { stages: StageRecorder::new(job, m.metrics.clone(), span), span: span.clone(), collector: m.collector.clone(), mode: job.mode.as_str(), guard: None, started: Instant::now() }
+    fn new(m: &Arc<JobManager>, job: &'a Job, span: &tracing::Span, config: LatencyLabels) -> Self {
+        EngineRecorder { stages: StageRecorder::new(job, m.metrics.clone(), span, config), span: span.clone(), collector: m.collector.clone(), mode: job.mode.as_str(), guard: None, started: Instant::now() }
     }
 
     fn on(&mut self, ev: EngineEvent) {
@@ -495,7 +498,7 @@ async fn execute(
         rec.command = inv.display();
         span.set_attribute("process.command_line", rec.command.clone());
         let mut parser = m.backend.stage_parser(pjob);
-        let mut er = EngineRecorder::new(m, job, span);
+        let mut er = EngineRecorder::new(m, job, span, latency_labels(m, job, pjob.batch_size, rec));
         let result = pipeline::process::run_invocation(inv, &opts, parser.as_mut(), &mut |ev| er.on(ev)).await;
         er.finish(rec);
         (result, parser)
@@ -624,7 +627,7 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
         per_output_second: rec.output_seconds.filter(|o| *o > 0.0).map(|o| joules / o),
     });
     let live = job.live();
-    let latency = report::Latency::from_live(&live, job.created, latency_labels(m, job, inputs, rec));
+    let latency = report::Latency::from_live(&live, job.created, latency_labels(m, job, inputs.batch_size, rec));
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
     let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
@@ -668,13 +671,13 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
 }
 
 /// The labels that tell realtime configurations apart (bounded; README "Latency").
-fn latency_labels(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record) -> LatencyLabels {
+fn latency_labels(m: &JobManager, job: &Job, batch_size: Option<u32>, rec: &Record) -> LatencyLabels {
     let musetalk = m.config.backend == crate::config::BackendKind::Musetalk;
     LatencyLabels {
         mode: job.mode.as_str(),
         version: if musetalk { m.config.musetalk_version.clone() } else { job.backend.to_string() },
         fp16: if musetalk && m.config.musetalk_float16 { "true" } else { "false" },
-        batch_size: batch_bucket(inputs.batch_size.or(m.config.musetalk_batch_size.filter(|_| musetalk))),
+        batch_size: batch_bucket(batch_size.or(m.config.musetalk_batch_size.filter(|_| musetalk))),
         worker: rec.worker.clone().unwrap_or_else(|| "none".into()),
     }
 }
@@ -750,7 +753,8 @@ fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Repor
     let mode = job.mode.as_str();
     let labels = JobLabels { mode, backend: job.backend, outcome: state.as_str() };
     m.metrics.job.jobs.get_or_create(&labels).inc();
-    Metrics::observe_traced(&m.metrics.job.job_duration, &labels, report.total_seconds, &job.trace_id);
+    let config = report.latency.labels(mode);
+    Metrics::observe_traced(&m.metrics.job.job_duration, &JobDurationLabels::new(job.backend, state.as_str(), &config), report.total_seconds, &job.trace_id);
     let ml = ModeLabels { mode };
     m.metrics.job.input_size.get_or_create(&InputLabels { mode, kind: "video" }).observe(report.files.video_bytes as f64);
     m.metrics.job.input_size.get_or_create(&InputLabels { mode, kind: "audio" }).observe(report.files.audio_bytes as f64);
@@ -763,7 +767,7 @@ fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Repor
     if let Some(r) = report.media.realtime_factor {
         m.metrics.job.realtime_factor.get_or_create(&ml).observe(r);
     }
-    let labels = report.latency.labels(mode);
+    let labels = config;
     if let Some(t) = report.latency.time_to_first_frame_seconds {
         Metrics::observe_traced(&m.metrics.job.time_to_first_frame, &labels, t, &job.trace_id);
     }
