@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-cc -shared -fPIC -O2 -o "$work/libnvidia-ml.so.1" tests/fixtures/fake_nvml/fake_nvml.c -lpthread
+cc -shared -fPIC -O2 -o "$work/libnvidia-ml.so.1" tests/fixtures/fake_nvml/fake_nvml.c -lpthread -lm
 cat >"$work/script" <<'SCRIPT'
 driver 550.54.15
 gpu 0 uuid=GPU-0b8f1c2d-fake-h100 name="NVIDIA H100 80GB HBM3" util=93 mem_util=38 enc=0 dec=4 mem_total=85520809984 mem_used=21474836480 temp=61 power_mw=412000 power_limit_mw=700000 energy_mj=5000000 pcie_rx_kbps=2048000 pcie_tx_kbps=1024000 pcie_gen=5 pcie_width=16 clock_sm=1755 clock_mem=2619 clock_sm_max=1980 clock_mem_max=2619 reasons=0x4 ecc_corr=3 ecc_uncorr=0 gpm=1 gpm_sm=88 gpm_occ=52 gpm_tensor=61 gpm_dram=35 proc_util=1

@@ -251,16 +251,46 @@ async fn profiling_that_cannot_be_done_never_fails_a_job() {
     let broken = dir.path().join("py-spy");
     std::fs::write(&broken, "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'py-spy 0.4.3'; exit 0; fi\necho 'Error: Permission Denied (os error 13)' >&2\nexit 1\n").unwrap();
     std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // A py-spy that starts the pipeline, then gives up and kills it (as py-spy does when
+    // it finds no Python within a second, or cannot read its memory), exiting 0.
+    let killer = dir.path().join("py-spy-killer");
+    std::fs::write(
+        &killer,
+        "#!/bin/sh
+if [ \"$1\" = --version ]; then echo 'py-spy 0.4.3'; exit 0; fi
+while [ \"$1\" != -- ]; do shift; done; shift
+\"$@\" &
+sleep 0.3
+kill -9 $!
+echo 'Error: Failed to find python version from target process' >&2
+exit 0
+",
+    )
+    .unwrap();
+    std::fs::set_permissions(&killer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     for (py_spy, reason, detail) in [
         (PathBuf::from("/nonexistent/py-spy"), "py_spy_missing", "py-spy not found"),
         (broken.clone(), "py_spy_failed", "Permission Denied"),
+        (killer.clone(), "py_spy_failed", "py-spy stopped the pipeline before it ended"),
     ] {
-        let svc = ServiceBuilder::new().arg("--py-spy").arg(&py_spy).arg("--auth-token-file").arg(&tokens).start().await;
+        // The MuseTalk fixture (Python, a second of work): py-spy is really used on it.
+        let svc = ServiceBuilder::new()
+            .args(["--backend", "musetalk", "--musetalk-python", "python3"])
+            .arg("--musetalk-dir")
+            .arg(repo("tests/fixtures/musetalk"))
+            .args(["--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=1"])
+            .arg("--py-spy")
+            .arg(&py_spy)
+            .arg("--auth-token-file")
+            .arg(&tokens)
+            .start()
+            .await;
         svc.wait_ready().await;
         let body = infer(&svc, true).await;
         let report = &body["report"];
         assert_eq!(report["outcome"], "succeeded", "{report:#}");
+        assert_eq!(report["subprocess"]["exit_code"], 0, "{report:#}");
         let why = report["profile"]["unavailable"].as_str().unwrap_or_else(|| panic!("{:#}", report["profile"]));
         assert!(why.contains(detail), "{why}");
         assert!(report["profile"]["url"].is_null());
@@ -273,6 +303,16 @@ async fn profiling_that_cannot_be_done_never_fails_a_job() {
         let metrics = svc.metrics_text().await;
         assert_eq!(metric(&metrics, &format!(r#"musetalk_profiles_total{{mode="simple",result="failed",reason="{reason}"}}"#)), Some(1.0), "{metrics}");
     }
+
+    // The preview backend renders with ffmpeg: a simple job says there is no Python, and
+    // py-spy is not even started.
+    let svc = ServiceBuilder::new().arg("--py-spy").arg(&killer).arg("--auth-token-file").arg(&tokens).start().await;
+    svc.wait_ready().await;
+    let body = infer(&svc, true).await;
+    assert_eq!(body["report"]["outcome"], "succeeded");
+    assert!(body["report"]["profile"]["unavailable"].as_str().unwrap().contains("renders with ffmpeg"), "{:#}", body["report"]["profile"]);
+    assert!(!body["report"]["subprocess"]["command"].as_str().unwrap().contains("py-spy"), "{:#}", body["report"]);
+    drop(svc);
 
     // The preview engine's realtime mode runs no Python: a speak says so and succeeds.
     let svc = ServiceBuilder::new().arg("--py-spy").arg(py_spy()).arg("--auth-token-file").arg(&tokens).start().await;

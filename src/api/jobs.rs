@@ -307,8 +307,9 @@ pub async fn profile(State(st): State<AppState>, UrlPath(id): UrlPath<String>, a
         Some(p) if p.url.is_none() => return Err(not_found(format!("job `{id}` has no profile: {}", p.unavailable.as_deref().unwrap_or("not taken")))),
         Some(_) => {}
     }
-    let bytes = tokio::fs::read(job.dir.join("profile").join(file)).await.map_err(|e| not_found(format!("job `{id}`'s profile is gone ({e})")))?;
-    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+    // Streamed from the file: a long job's profile is large.
+    let f = tokio::fs::File::open(job.dir.join("profile").join(file)).await.map_err(|e| not_found(format!("job `{id}`'s profile is gone ({e})")))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f))).into_response())
 }
 
 /// A succeeded job's output video, with Range support.

@@ -4,7 +4,8 @@
 //! follows the file as it grows and sends each new piece as a chunk, so a player starts
 //! before the clip is done. An engine that cannot write progressively (a protocol-1 worker)
 //! writes the file whole: it is then sent when the job ends. Nothing is sent before there
-//! is something to send, so a job that fails first gets the usual JSON error; one that
+//! is a first fragment to send (frames, not only the header: time to first byte is time to
+//! playable bytes), so a job that fails first gets the usual JSON error; one that
 //! fails mid-stream has its response aborted (no final chunk): never a truncated video
 //! that looks whole. A client that goes away stops only its own answer: the job runs on
 //! (its output stays at `/v1/jobs/{id}/output`).
@@ -27,10 +28,15 @@ const CHUNK: usize = 64 * 1024;
 
 /// Follows `job`'s output as it is written.
 pub async fn answer(st: &AppState, job: Arc<Job>) -> Response {
-    // Wait for the first bytes, or the job's end.
+    // Wait for the first fragment (a `moof` box: playable frames, not only the header),
+    // or the job's end.
     let path = loop {
         let ended = job.state().is_terminal();
-        let growing = job.live().streaming_to.filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+        if ended && job.state() != JobState::Succeeded {
+            // Failed before anything was sent: the usual JSON error, never a broken video.
+            return super::jobs::finished_response(&job);
+        }
+        let growing = job.streaming_to().filter(|p| has_fragment(p));
         if let Some(p) = growing {
             break Some(p);
         }
@@ -64,6 +70,17 @@ pub async fn answer(st: &AppState, job: Arc<Job>) -> Response {
         Err(e) => return crate::http::ApiError::internal(format!("opening the streamed output {}: {e}", path.display())).into_response(),
     };
     respond(st, job, file)
+}
+
+/// The file holds a movie fragment (`moof`) in its first MiB: a first chunk that plays.
+fn has_fragment(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else { return false };
+    let mut head = Vec::with_capacity(1 << 16);
+    if f.take(1 << 20).read_to_end(&mut head).is_err() {
+        return false;
+    }
+    head.windows(4).any(|w| w == b"moof")
 }
 
 fn respond(st: &AppState, job: Arc<Job>, file: tokio::fs::File) -> Response {

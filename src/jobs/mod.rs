@@ -188,10 +188,14 @@ pub struct Job {
     live: Mutex<Live>,
 }
 
+/// Batches kept per job for the histogram and the report.
+pub const MAX_BATCHES: usize = 10_000;
+
 /// What a job's latency showed so far (realtime: first frame, batches, first byte).
 #[derive(Clone, Debug, Default)]
 pub struct Live {
     pub first_frame: Option<SystemTime>,
+    /// Each batch's seconds, at most [`MAX_BATCHES`] (a 30-minute job at 5 batches/s).
     pub batches: Vec<f64>,
     pub first_byte_seconds: Option<f64>,
     /// Where the engine writes the output progressively (fragmented MP4), when it does.
@@ -206,6 +210,12 @@ impl Job {
     /// The latency so far.
     pub fn live(&self) -> Live {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Where the engine writes the output progressively, once it said so (a streamed
+    /// answer polls this: no copy of the rest).
+    pub fn streaming_to(&self) -> Option<PathBuf> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).streaming_to.clone()
     }
 
     pub(crate) fn update_live(&self, f: impl FnOnce(&mut Live)) {

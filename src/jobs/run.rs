@@ -286,7 +286,15 @@ pub(super) async fn run_job(m: Arc<JobManager>, job: Arc<Job>, admission: Admiss
     // The speak's lease on its avatar ends with the work, before the job is seen finished:
     // a client that DELETEs the avatar on its answer must not get `avatar_busy`.
     drop(work);
-    finish(&m, &job, &inputs, rec, result, !is_prepare);
+    // The profile's formats are written off the async runtime (a long job's trace is big).
+    let profile = match rec.profile.take() {
+        Some(p) => {
+            let (m2, job2, windows) = (m.clone(), job.clone(), rec.stage_windows.clone());
+            tokio::task::spawn_blocking(move || profile_report(&m2, &job2, &windows, p)).await.ok()
+        }
+        None => None,
+    };
+    finish(&m, &job, &inputs, rec, result, !is_prepare, profile);
 }
 
 /// A realtime job's `queue_wait` for an idle worker (or preview slot), then running.
@@ -328,14 +336,17 @@ async fn run_speak(m: &Arc<JobManager>, job: &Arc<Job>, admission: Admission, av
     // The worker is already running: py-spy attaches to it for this request only.
     let attached = profiled.then(|| m.profiler().attach(slot.pid(), &job.dir.join("profile")));
     let result = slot.infer(&req, &mut |ev| er.on(ev), &job.cancel, m.config.job_timeout).instrument(span.clone()).await;
-    rec.profile = match attached {
-        Some(Ok(a)) => Some(a.stop().await),
-        Some(Err(u)) => Some(Err(u)),
-        None => None,
-    };
+    // Sampling stops now; py-spy's shutdown is waited for after the worker is handed
+    // back (and the stage and resource windows have closed).
+    let attached = attached.map(|a| a.map(profile::Attached::interrupt));
     er.finish(rec);
     let expected = slot.expected_output(&req);
     drop(slot);
+    rec.profile = match attached {
+        Some(Ok(a)) => Some(a.collect().await),
+        Some(Err(u)) => Some(Err(u)),
+        None => None,
+    };
     drop(span);
     scope.close(m, job, rec, result.map_err(|e| StepFailure::from_pipeline(Step::Inference, e)))?;
     discover_output(m, job, rec, inputs, output, expected).await
@@ -391,7 +402,11 @@ impl<'a> EngineRecorder<'a> {
             EngineEvent::FirstFrame { at } => self.stages.job.update_live(|l| {
                 l.first_frame.get_or_insert(at);
             }),
-            EngineEvent::Batch { seconds, .. } => self.stages.job.update_live(|l| l.batches.push(seconds)),
+            EngineEvent::Batch { seconds, .. } => self.stages.job.update_live(|l| {
+                if l.batches.len() < super::MAX_BATCHES {
+                    l.batches.push(seconds);
+                }
+            }),
             EngineEvent::StreamingTo { path } => self.stages.job.update_live(|l| l.streaming_to = Some(path)),
             EngineEvent::Process { pid, shared } => {
                 self.span.set_attribute("process.pid", pid as i64);
@@ -503,7 +518,13 @@ async fn execute(
         er.finish(rec);
         (result, parser)
     };
-    let wrapped = match profiled.then(|| m.profiler().wrap(inv, &job.dir.join("profile"))) {
+    let wrapped = match profiled.then(|| {
+        if m.backend.runs_python() {
+            m.profiler().wrap(inv, &job.dir.join("profile"))
+        } else {
+            Err(profile::Unavailable { reason: profile::Reason::NoPython, detail: format!("the {} backend runs no Python process (it renders with ffmpeg)", m.backend.name()) })
+        }
+    }) {
         Some(Ok(w)) => Some(w),
         Some(Err(u)) => {
             rec.profile = Some(Err(u));
@@ -524,16 +545,25 @@ async fn execute(
             o.stderr_tail.retain(|l| !l.starts_with("py-spy> "));
             o.stdout_tail.retain(|l| !l.starts_with("py-spy> "));
         }
-        let never_ran = w.status() == ShimStatus::NotStarted && result.as_ref().is_ok_and(|o| o.ended == pipeline::process::EndReason::Exited);
-        if never_ran {
-            // py-spy did not start the pipeline (nothing ran): run it unprofiled, so a
-            // broken profiler never fails a job.
+        // py-spy, not the pipeline, ended the run when the shim recorded no end of its own
+        // while the run ended by itself: py-spy could not start (nothing ran), or gave up
+        // and killed its child (no Python found within ~1 s, memory unreadable, every
+        // Python process gone while a non-Python step still ran). A timeout or a
+        // cancellation is the job's own. Either way the pipeline runs again unprofiled:
+        // a broken profiler never fails a job (what ran before is lost, and said so).
+        let by_py_spy = match (&result, w.status()) {
+            (Err(e), _) => Some(format!("py-spy could not run the pipeline: {e}")),
+            (Ok(o), ShimStatus::NotStarted) if o.ended == pipeline::process::EndReason::Exited => Some("py-spy did not start the pipeline".to_string()),
+            (Ok(o), ShimStatus::Running) if o.ended == pipeline::process::EndReason::Exited => Some("py-spy stopped the pipeline before it ended".to_string()),
+            _ => None,
+        };
+        if let Some(what) = by_py_spy {
             let why = py_spy_said.iter().filter(|l| !l.trim().is_empty()).last().cloned().unwrap_or_else(|| "no output".into());
-            tracing::warn!(job_id = %job.id, "py-spy did not start the pipeline ({why}); running it without a profile");
-            rec.profile = Some(Err(profile::Unavailable { reason: profile::Reason::PySpyFailed, detail: format!("py-spy did not start the pipeline: {why}") }));
+            tracing::warn!(job_id = %job.id, "{what} ({why}); running it again without a profile");
+            rec.profile = Some(Err(profile::Unavailable { reason: profile::Reason::PySpyFailed, detail: format!("{what}: {why}; the job ran again without a profile") }));
             (result, parser) = run(inv, rec).await;
         } else {
-            rec.profile = Some(w.finish(&py_spy_said));
+            rec.profile = Some(w.finish(&py_spy_said).await);
         }
     }
     let outcome = result.map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;
@@ -551,7 +581,7 @@ async fn execute(
 /// `response_preparation`, for every job whatever happened: the report, the job span's
 /// attributes, the job metrics, then the final state (in that order: a client woken by
 /// the state finds the report and the metrics already there).
-fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool) {
+fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result: Result<std::path::PathBuf, StepFailure>, has_output: bool, profile: Option<profile::ProfileReport>) {
     let scope = StepScope::open(job, Step::ResponsePreparation);
     let (state, error) = match &result {
         Ok(_) => (JobState::Succeeded, None),
@@ -568,7 +598,6 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
     if rec.tree_key.is_some() {
         resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
     }
-    let profile = rec.profile.take().map(|p| profile_report(m, job, &rec, p));
     let _ = scope.close(m, job, &mut rec, Ok(()));
     let mut report = build_report(m, job, inputs, &rec, state, error, resources);
     report.profile = profile;
@@ -598,11 +627,11 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
 }
 
 /// The profile's formats written beside its trace, sliced by stage, and counted.
-fn profile_report(m: &JobManager, job: &Job, rec: &Record, p: Result<profile::Taken, profile::Unavailable>) -> profile::ProfileReport {
+fn profile_report(m: &JobManager, job: &Job, stage_windows: &[(String, SystemTime, SystemTime)], p: Result<profile::Taken, profile::Unavailable>) -> profile::ProfileReport {
     let rate = m.profiler().rate();
     let built = p.and_then(|t| {
         let url = format!("/v1/jobs/{}/profile", job.id);
-        profile::ProfileReport::taken(&t, rate, &job.dir.join("profile"), url, &format!("musetalk-sidecar job {}", job.id), &rec.stage_windows)
+        profile::ProfileReport::taken(&t, rate, &job.dir.join("profile"), url, &format!("musetalk-sidecar job {}", job.id), stage_windows)
     });
     m.metrics.profile.count(job.mode.as_str(), built.as_ref().map(|_| ()).map_err(|u| u.reason));
     built.unwrap_or_else(|u| {

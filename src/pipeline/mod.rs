@@ -115,6 +115,12 @@ pub trait Backend: Send + Sync + 'static {
     /// and did (not only its exit code) and return the output video.
     fn discover(&self, job: &JobInput, outcome: &ProcessOutcome, parser: &dyn StageParser) -> Result<PathBuf, PipelineError>;
 
+    /// Whether the pipeline runs Python that py-spy can profile (MuseTalk; a command may).
+    /// `false` (the ffmpeg preview): a profiled job says so instead of running py-spy.
+    fn runs_python(&self) -> bool {
+        true
+    }
+
     /// What a whole output of this job is, when the backend knows it: `output_discovery`
     /// probes the output against it, so a render that lost frames (a decoder out of
     /// memory, a truncated write) fails instead of succeeding. `None`: not checked.

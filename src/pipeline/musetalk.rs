@@ -173,6 +173,9 @@ impl Backend for MuseTalk {
     }
 }
 
+/// The most UNet batches one tqdm redraw may stand for (tqdm draws at most every 0.1 s).
+const MAX_BATCH_JUMP: u64 = 1024;
+
 /// MuseTalk's stdout markers → sequential stages; tqdm bars (stderr) → progress.
 #[derive(Default)]
 pub struct MuseTalkParser {
@@ -195,8 +198,11 @@ impl StageParser for MuseTalkParser {
             // MuseTalk's UNet loop draws one tqdm step per batch: the time between steps is
             // the batch's (tqdm may draw several at once: their time is shared out), and the
             // first step is the first frame out of the model.
+            // A jump of more than MAX_BATCH_JUMP steps at once is no UNet loop (a stray bar):
+            // it moves the count on without inventing batches.
             if let (Some("unet_inference"), Some((seen, since))) = (self.stages.current(), self.batches)
                 && done > seen
+                && done - seen <= MAX_BATCH_JUMP
             {
                 if seen == 0 {
                     evs.push(StageEvent::FirstFrame { at });
@@ -305,6 +311,8 @@ mod tests {
         // Two steps drawn at once share the time since the last one.
         let ev = p.line(Stream::Stderr, " 75%|######    | 3/4 [00:00<00:00,  7.0it/s]", at(500));
         assert_eq!(ev, vec![StageEvent::Batch { seconds: 0.15 }, StageEvent::Batch { seconds: 0.15 }, StageEvent::Progress { done: 3, total: Some(4) }]);
+        // A stray bar's jump is no batch.
+        assert_eq!(p.line(Stream::Stderr, " 99%|######### | 4000000/4000001 [00:00<00:00]", at(550)), vec![StageEvent::Progress { done: 4000000, total: Some(4000001) }]);
         // Bars of other stages are progress only.
         p.line(Stream::Stdout, "Padding generated images to original video size", at(600));
         assert_eq!(p.line(Stream::Stderr, " 10%|#         | 5/50 [00:00<00:00]", at(700)), vec![StageEvent::Progress { done: 5, total: Some(50) }]);

@@ -293,6 +293,10 @@ impl Backend for Preview {
         true
     }
 
+    fn runs_python(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "preview"
     }

@@ -36,6 +36,8 @@ pub const SPEEDSCOPE_FILE: &str = "profile.speedscope.json";
 pub const SVG_FILE: &str = "profile.svg";
 pub const COLLAPSED_FILE: &str = "profile.collapsed.txt";
 const STATUS_FILE: &str = "exit-status";
+/// The largest py-spy trace read back (parsing holds it and its intervals in memory).
+const MAX_TRACE_BYTES: u64 = 256 << 20;
 
 /// Why a job has no profile: the `reason` label of `musetalk_profiles_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,18 +139,7 @@ pub const PTRACE_FIX: &str = "profiling of realtime workers unavailable: needs C
 
 impl Profiler {
     pub fn new(config: &Config) -> Self {
-        let version = std::process::Command::new(&config.py_spy)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("py-spy not found ({}: {e}); install it with `python3 -m pip install py-spy` or set --py-spy", config.py_spy.display()))
-            .and_then(|o| {
-                if o.status.success() {
-                    Ok(String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("py-spy ").to_string())
-                } else {
-                    Err(format!("`{} --version` failed: {}", config.py_spy.display(), String::from_utf8_lossy(&o.stderr).trim()))
-                }
-            });
+        let version = py_spy_version(&config.py_spy);
         Profiler {
             py_spy: config.py_spy.clone(),
             version,
@@ -226,8 +217,10 @@ impl Profiler {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Unavailable::new(Reason::PySpyMissing, format!("starting py-spy: {e}")))?;
-        // py-spy says `Sampling process …` once attached: its trace's clock starts then,
-        // not when it was spawned (attaching takes tens of ms).
+        // Time 0 of py-spy's trace: its spawn is too early by py-spy's own start-up (tens of
+        // ms on a loaded machine: stage edges then shift by as much). Measured on the
+        // fixture worker, the moment py-spy prints `Sampling process …` lands samples in
+        // their stages within a sample interval: that is the origin, the spawn the fallback.
         let sampling = std::sync::Arc::new(std::sync::Mutex::new(None::<SystemTime>));
         let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let readers = [child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>), child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)];
@@ -283,9 +276,10 @@ impl Wrapped {
     /// The profile of the run. Its time 0 is when py-spy started the pipeline (the shim's
     /// start; measured: the trace's clock and the shim's start agree within a sample,
     /// while py-spy's own start-up before that took ~70 ms on a loaded 2-core machine).
-    pub fn finish(self, stderr: &[String]) -> Result<Taken, Unavailable> {
+    pub async fn finish(self, stderr: &[String]) -> Result<Taken, Unavailable> {
         let origin = parse_status(&std::fs::read_to_string(&self.status).unwrap_or_default()).1.unwrap_or(self.started);
-        taken(&self.dir, origin, stderr)
+        let (dir, stderr) = (self.dir, stderr.to_vec());
+        tokio::task::spawn_blocking(move || taken(&dir, origin, &stderr)).await.unwrap_or_else(|e| Err(Unavailable::new(Reason::PySpyFailed, format!("reading the trace: {e}"))))
     }
 }
 
@@ -294,7 +288,7 @@ pub struct Attached {
     child: tokio::process::Child,
     dir: PathBuf,
     started: SystemTime,
-    /// When py-spy said it was sampling (its trace's time 0).
+    /// When py-spy said it was sampling (taken as its trace's time 0).
     sampling: std::sync::Arc<std::sync::Mutex<Option<SystemTime>>>,
     /// What py-spy printed (the first lines), for the reason when it failed.
     output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -302,11 +296,17 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Stops sampling (SIGINT: py-spy writes its trace and exits) and reads the profile.
-    pub async fn stop(mut self) -> Result<Taken, Unavailable> {
+    /// Stops sampling now (SIGINT: py-spy writes its trace and exits); [`Attached::collect`]
+    /// waits for it. Split so the worker is handed back before py-spy's shutdown.
+    pub fn interrupt(self) -> Self {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT);
         }
+        self
+    }
+
+    /// Waits for py-spy to write its trace (10 s at most) and reads the profile.
+    pub async fn collect(mut self) -> Result<Taken, Unavailable> {
         let waited = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         if waited.is_err() {
             let _ = self.child.kill().await;
@@ -319,7 +319,8 @@ impl Attached {
             said.push("py-spy did not stop within 10 s of SIGINT".into());
         }
         let origin = self.sampling.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(self.started);
-        taken(&self.dir, origin, &said)
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || taken(&dir, origin, &said)).await.unwrap_or_else(|e| Err(Unavailable::new(Reason::PySpyFailed, format!("reading the trace: {e}"))))
     }
 }
 
@@ -336,7 +337,12 @@ fn taken(dir: &Path, origin: SystemTime, stderr: &[String]) -> Result<Taken, Una
         let tail: Vec<&str> = stderr.iter().map(String::as_str).filter(|l| !l.trim().is_empty()).rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
         if tail.is_empty() { String::new() } else { format!(": {}", tail.join(" | ")) }
     };
-    let bytes = std::fs::read(dir.join(TRACE_FILE)).map_err(|_| Unavailable::new(Reason::PySpyFailed, format!("py-spy wrote no trace{}", why())))?;
+    let path = dir.join(TRACE_FILE);
+    let size = std::fs::metadata(&path).map_err(|_| Unavailable::new(Reason::PySpyFailed, format!("py-spy wrote no trace{}", why())))?.len();
+    if size > MAX_TRACE_BYTES {
+        return Err(Unavailable::new(Reason::PySpyFailed, format!("py-spy's trace is {} MiB, over the {} MiB this service reads (a very long job: lower --profile-rate)", size >> 20, MAX_TRACE_BYTES >> 20)));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Unavailable::new(Reason::PySpyFailed, format!("reading py-spy's trace: {e}")))?;
     let trace = Trace::parse(&bytes).map_err(|e| Unavailable::new(Reason::PySpyFailed, e))?;
     if trace.intervals.is_empty() {
         return Err(Unavailable::new(Reason::Empty, format!("py-spy took no sample (the process ended before the first one, or is not Python){}", why())));
@@ -396,6 +402,30 @@ impl ProfileReport {
     }
 }
 
+/// `py-spy --version`, bounded: a wrapper that hangs must not hold the service's start.
+fn py_spy_version(py_spy: &Path) -> Result<String, String> {
+    let missing = |e: std::io::Error| format!("py-spy not found ({}: {e}); install it with `python3 -m pip install py-spy` or set --py-spy", py_spy.display());
+    let mut child = std::process::Command::new(py_spy).arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(missing)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{} --version` did not answer within 5 s", py_spy.display()));
+            }
+        }
+    }
+    let o = child.wait_with_output().map_err(missing)?;
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("py-spy ").to_string())
+    } else {
+        Err(format!("`{} --version` failed: {}", py_spy.display(), String::from_utf8_lossy(&o.stderr).trim()))
+    }
+}
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -422,7 +452,9 @@ fn parse_status(text: &str) -> (ShimStatus, Option<SystemTime>) {
         let (word, arg) = (w.next(), w.next());
         st = match (word, arg.and_then(|n| n.parse::<i32>().ok())) {
             (Some("started"), _) => {
-                started = arg.and_then(|a| a.parse::<f64>().ok()).filter(|s| s.is_finite() && *s > 0.0).map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(s));
+                // Written by the shim, but in a directory the pipeline can write to: no
+                // value may panic here.
+                started = arg.and_then(|a| a.parse::<f64>().ok()).and_then(|s| Duration::try_from_secs_f64(s).ok()).and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d));
                 ShimStatus::Running
             }
             (Some("exit"), Some(n)) => ShimStatus::Exited(n),
@@ -497,6 +529,11 @@ mod tests {
         assert_eq!(parse_status("started 1796535611.264644369\n"), (ShimStatus::Running, Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1796535611.264644369))));
         assert_eq!(parse_status("started 1.5\nexit 3\n").0, ShimStatus::Exited(3));
         assert_eq!(parse_status("started x\nsignal 9\n"), (ShimStatus::Signalled(9), None));
+        for hostile in ["started 1e300", "started -5", "started inf", "started NaN", "started 1e19"] {
+            let (st, at) = parse_status(hostile);
+            assert_eq!(st, ShimStatus::Running, "{hostile}");
+            assert!(at.is_none_or(|t| t > SystemTime::UNIX_EPOCH), "{hostile}");
+        }
     }
 
     #[test]

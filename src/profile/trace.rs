@@ -204,7 +204,9 @@ impl Trace {
             })
             .collect();
         let mut profiles = Vec::new();
-        for (t, (pid, tid)) in self.threads.iter().enumerate() {
+        // Intervals are sorted by thread: one pass over each thread's own run.
+        for run in self.intervals.chunk_by(|a, b| a.thread == b.thread) {
+            let (pid, tid) = self.threads[run[0].thread];
             let mut events = Vec::new();
             let mut held: Vec<usize> = Vec::new();
             let (mut first, mut last) = (None::<f64>, 0.0f64);
@@ -214,7 +216,7 @@ impl Trace {
                     events.push(serde_json::json!({ "type": "C", "frame": f, "at": at }));
                 }
             };
-            for i in self.intervals.iter().filter(|i| i.thread == t) {
+            for i in run {
                 first.get_or_insert(i.start_us);
                 // A gap (no samples) closes everything; otherwise keep the common prefix.
                 let common = if i.start_us > last { 0 } else { held.iter().zip(&i.stack).take_while(|(a, b)| a == b).count() };

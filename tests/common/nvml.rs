@@ -27,7 +27,7 @@ pub fn lib_dir() -> &'static Path {
             .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
             .arg(&out)
             .arg(SOURCE)
-            .arg("-lpthread")
+            .args(["-lpthread", "-lm"])
             .output()
             .unwrap_or_else(|e| panic!("building the fake NVML needs a C compiler ({cc}): {e}"));
         assert!(o.status.success(), "{cc} failed on {SOURCE}:\n{}", String::from_utf8_lossy(&o.stderr));
