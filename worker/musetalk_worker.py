@@ -389,10 +389,13 @@ def _numbered_images(directory):
 class _Blender(threading.Thread):
     """Blends generated faces into frames and writes them, like Avatar.process_frames."""
 
-    def __init__(self, models, material, frames_dir, frame_ext, maxsize):
+    def __init__(self, models, material, frames_dir, frame_ext, maxsize, sink=None):
         super().__init__(name="blender", daemon=True)
         self.models, self.material = models, material
         self.frames_dir, self.frame_ext = frames_dir, frame_ext
+        # A streamed infer: each frame, once written, also goes to the encoder's stdin
+        # (frames arrive in order: one thread blends them in the order they were queued).
+        self.sink = sink
         self.queue = queue.Queue(maxsize=maxsize)
         self.error = None
         self.written = 0
@@ -409,6 +412,10 @@ class _Blender(threading.Thread):
                 frame = self.models.blend(self.material, idx, face)
                 path = os.path.join(self.frames_dir, "%08d.%s" % (idx, self.frame_ext))
                 self.models.write_frame(path, frame)
+                if self.sink is not None:
+                    with open(path, "rb") as handle:
+                        self.sink.write(handle.read())
+                    self.sink.flush()
                 self.written += 1
             except BaseException as exc:  # noqa: B902 - handed to the main thread
                 self.error = exc
@@ -488,9 +495,9 @@ class Worker:
         if not self.loaded:
             info, seconds = self.load()
             log("models loaded in %.1f s" % seconds)
-            # Protocol 2 (batch, first_frame); no `stream` capability: outputs are written
-            # whole, and a streamed answer sends them when the request ends.
-            self.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=[])
+            # Protocol 2: batch, first_frame, and `stream` (an infer's output written as
+            # fragmented MP4 while its frames are blended).
+            self.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=["stream"])
         while True:
             line = stdin.readline()
             if not line:
@@ -655,14 +662,15 @@ class Worker:
         work_dir = tempfile.mkdtemp(prefix=".musetalk-%s-" % _safe(rid), dir=out_dir)
         try:
             return self._infer_in(rid, tp, material, audio_path, output_path, fps, batch_size,
-                                  work_dir)
+                                  work_dir, stream=bool(request.get("stream")))
         finally:
             if getattr(self.args, "keep_temp", False):
                 log("kept temporary files in %s" % work_dir)
             else:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _infer_in(self, rid, tp, material, audio_path, output_path, fps, batch_size, work_dir):
+    def _infer_in(self, rid, tp, material, audio_path, output_path, fps, batch_size, work_dir,
+                  stream=False):
         models = self.models
         frames_dir = os.path.join(work_dir, "frames")
         os.makedirs(frames_dir)
@@ -674,9 +682,46 @@ class Worker:
             raise RequestError("the audio gives no frames: %s" % audio_path)
         total = int(math.ceil(frames / float(batch_size)))
 
+        # Protocol 2 `stream`: one ffmpeg encodes the frames as they are blended, the audio
+        # muxed into each fragment, writing output_path as fragmented MP4 as it goes.
+        encoder = self._stream_encoder(audio_path, output_path, fps, frames, work_dir) if stream else None
         blender = _Blender(models, material, frames_dir, models.frame_ext,
-                           maxsize=max(2 * batch_size, 32))
+                           maxsize=max(2 * batch_size, 32),
+                           sink=encoder.stdin if encoder is not None else None)
         blender.start()
+        try:
+            return self._infer_run(rid, tp, models, material, chunks, frames, total, batch_size,
+                                   blender, encoder, frames_dir, audio_path, output_path, fps,
+                                   work_dir)
+        finally:
+            if encoder is not None and encoder.poll() is None:
+                encoder.kill()
+                encoder.wait()
+
+    def _stream_encoder(self, audio_path, output_path, fps, frames, work_dir):
+        codec = {"png": "png", "ppm": "ppm", "jpg": "mjpeg", "jpeg": "mjpeg", "bmp": "bmp"}.get(
+            self.models.frame_ext, "png")
+        argv = [getattr(self.args, "ffmpeg_path", "ffmpeg"), "-nostdin", "-y", "-v", "error",
+                # No probing of the pipe: ffmpeg would read seconds of frames first.
+                "-probesize", "32", "-analyzeduration", "0",
+                "-f", "image2pipe", "-c:v", codec, "-framerate", str(fps), "-i", "-",
+                "-i", audio_path, "-map", "0:v:0", "-map", "1:a:0", "-frames:v", str(frames),
+                "-c:v", "libx264", "-tune", "zerolatency", "-g", str(max(1, fps // 2)),
+                "-crf", "18", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                "-movflags", "+frag_keyframe+empty_moov+default_base_moof",
+                "-flush_packets", "1", "-f", "mp4", output_path]
+        log("streaming: %s" % " ".join(argv))
+        errors = open(os.path.join(work_dir, "encoder.log"), "wb")
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=errors)
+        except OSError as exc:
+            raise RequestError("ffmpeg: cannot run %s: %s" % (argv[0], exc)) from None
+        finally:
+            errors.close()
+
+    def _infer_run(self, rid, tp, models, material, chunks, frames, total, batch_size, blender,
+                   encoder, frames_dir, audio_path, output_path, fps, work_dir):
         try:
             with self.stage(rid, "unet_inference", tp):
                 idx = 0
@@ -715,6 +760,16 @@ class Worker:
         if idx != frames or blender.written != frames:
             raise RequestError("generated %d frames and blended %d, expected %d"
                                % (idx, blender.written, frames))
+
+        if encoder is not None:
+            with self.stage(rid, "video_encoding", tp):
+                encoder.stdin.close()
+                if encoder.wait() != 0:
+                    with open(os.path.join(work_dir, "encoder.log"), "rb") as handle:
+                        tail = handle.read().decode("utf-8", "replace").strip().splitlines()[-2:]
+                    raise RequestError("ffmpeg failed: %s" % (" | ".join(tail) or "exit status %d" % encoder.returncode))
+            seconds = self._duration(output_path)
+            return {"output": output_path, "frames": frames, "seconds": seconds}
 
         video_only = os.path.join(work_dir, "video.mp4")
         with self.stage(rid, "video_encoding", tp):
@@ -873,7 +928,7 @@ def main(argv=None, models_factory=MuseTalkModels):
         worker.out = proto
         log("models loaded in %.1f s on CUDA_VISIBLE_DEVICES=%s"
             % (seconds, os.environ.get("CUDA_VISIBLE_DEVICES")))
-        worker.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=[])
+        worker.emit("ready", worker=info, load_seconds=round(seconds, 3), protocol=2, capabilities=["stream"])
         return worker.serve(stdin, proto)
     except BrokenPipeError:
         log("stdout closed by the sidecar: exiting")

@@ -286,6 +286,35 @@ class ProtocolTests(Base):
         self.assertEqual(os.listdir(os.path.dirname(output)), ["output.mp4"])
 
     @unittest.skipUnless(HAVE_FFMPEG, "needs ffmpeg and ffprobe")
+    def test_infer_streamed_writes_fragments_as_frames_are_blended(self):
+        request = self.infer_request()
+        request["stream"] = True
+        status, events, _ = self.serve([self.prepare_request(), request])
+        self.assertEqual(status, 0)
+        # Protocol 2 says it streams.
+        self.assertEqual((events[0]["protocol"], events[0]["capabilities"]), (2, ["stream"]))
+        mine = self.of(events, "i1")
+        # The encoder runs alongside the blending: no separate audio_mux stage.
+        self.assert_stages(events, "i1", ["audio_features", "unet_inference", "blending", "video_encoding"])
+        batches = [e for e in mine if e["event"] == "batch"]
+        self.assertEqual([b["index"] for b in batches], list(range(7)))
+        self.assertEqual(sum(b["frames"] for b in batches), 25)
+        self.assertEqual(len([e for e in mine if e["event"] == "first_frame"]), 1)
+        result = mine[-1]
+        self.assertEqual((result["event"], result["frames"]), ("result", 25))
+        self.assertAlmostEqual(result["seconds"], 1.0, delta=0.1)
+        output = self.path("jobs", "i1", "result", "output.mp4")
+        with open(output, "rb") as handle:
+            self.assertIn(b"moof", handle.read(), "a fragmented MP4")
+        probe = ffprobe_json(output)
+        kinds = sorted(s["codec_type"] for s in probe["streams"])
+        self.assertEqual(kinds, ["audio", "video"])
+        decode = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", output, "-f", "null", "-"],
+                                capture_output=True)
+        self.assertEqual(decode.returncode, 0, decode.stderr)
+        self.assertEqual(os.listdir(os.path.dirname(output)), ["output.mp4"])
+
+    @unittest.skipUnless(HAVE_FFMPEG, "needs ffmpeg and ffprobe")
     def test_infer_defaults_and_material_from_disk(self):
         self.serve([self.prepare_request()])
         request = self.infer_request()
