@@ -29,7 +29,7 @@ import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loopback import free_port, multipart  # noqa: E402
+from loopback import multipart, start_service  # noqa: E402
 
 
 def post(base, path, fields, files):
@@ -56,17 +56,8 @@ def get_json(base, path):
 
 
 def measure(name, argv, tmp, video, audio, runs):
-    port = free_port()
-    svc = subprocess.Popen(argv + ["--listen", "127.0.0.1:%d" % port, "--data-dir", os.path.join(tmp, name)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = "http://127.0.0.1:%d" % port
+    svc, base = start_service(argv, os.path.join(tmp, name))
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(base + "/readyz", timeout=1)
-                break
-            except Exception:
-                time.sleep(0.1)
         post(base, "/v1/avatars", {"avatar_id": "b"}, {"video": video})
         for _ in range(300):
             if get_json(base, "/v1/avatars/b")["state"] == "ready":

@@ -1,6 +1,9 @@
 """Shared by the bench scripts: a free loopback port and a multipart body (standard library only)."""
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 import uuid
 
 
@@ -26,3 +29,19 @@ def multipart(fields, files):
         body += data + b"\r\n"
     body += ("--%s--\r\n" % boundary).encode()
     return body, "multipart/form-data; boundary=%s" % boundary
+
+
+def start_service(argv, data_dir):
+    """Starts `argv` (a `musetalk-sidecar serve` command line) on a free loopback port with
+    `data_dir`, waits (20 s at most) for /readyz; returns (process, base URL)."""
+    port = free_port()
+    svc = subprocess.Popen(argv + ["--listen", "127.0.0.1:%d" % port, "--data-dir", data_dir],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = "http://127.0.0.1:%d" % port
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(base + "/readyz", timeout=1)
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.1)
+    return svc, base

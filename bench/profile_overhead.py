@@ -29,7 +29,7 @@ import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loopback import free_port, multipart  # noqa: E402
+from loopback import multipart, start_service  # noqa: E402
 
 
 def job(base, video, audio, profile):
@@ -80,20 +80,11 @@ def main():
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-t", "2",
                     "-pix_fmt", "yuv420p", video], check=True)
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=3", audio], check=True)
-    port = free_port()
-    svc = subprocess.Popen([a.binary, "serve", "--listen", "127.0.0.1:%d" % port, "--data-dir", os.path.join(tmp, "data"),
-                            "--backend", "musetalk", "--musetalk-python", sys.executable,
-                            "--musetalk-dir", os.path.join(REPO, "tests/fixtures/musetalk"), "--py-spy", py_spy,
-                            "--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_BUSY=%s" % a.busy],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = "http://127.0.0.1:%d" % port
+    svc, base = start_service([a.binary, "serve", "--backend", "musetalk", "--musetalk-python", sys.executable,
+                               "--musetalk-dir", os.path.join(REPO, "tests/fixtures/musetalk"), "--py-spy", py_spy,
+                               "--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_BUSY=%s" % a.busy],
+                              os.path.join(tmp, "data"))
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base + "/readyz", timeout=1)
-                break
-            except Exception:
-                time.sleep(0.1)
         job(base, video, audio, False)  # warm-up (page cache, Python imports)
         off, on = [], []
         for i in range(a.pairs):

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::media::{HeldUpload, file_part, hold_upload};
-use common::nvml::{FakeNvml, H100};
+use common::nvml::{FIXTURE_PROCS, FakeNvml, H100};
 use common::otlp::OtlpReceiver;
 use common::prometheus::promtool;
 use common::service::{Service, ServiceBuilder};
@@ -59,9 +59,6 @@ const SYNTHETIC_SERIES: &[&str] = &["up"];
 // GPU panel must return data like any other; there are no exceptions to "every panel
 // returns data".
 
-/// The fake's processes: the fixture MuseTalk run and the fixture worker, matched by
-/// command line, so both modes' pipeline trees hold GPU memory and SM share.
-const PIPELINE_GPU_PROCS: &str = "process 0 cmdline=scripts.inference exe=python mem=2147483648 sm=71\nprocess 0 cmdline=fixture_worker.py exe=python mem=3221225472 sm=5";
 
 // ---------------------------------------------------------------------------------------
 // Dashboards.
@@ -1210,7 +1207,7 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
     // Realtime: one persistent fixture worker that crashes on its first infer (a failed
     // realtime job and a worker restart), then serves.
     let worker_state = tempfile::tempdir().unwrap();
-    let nvml = FakeNvml::new(&H100.replace("{procs}", PIPELINE_GPU_PROCS));
+    let nvml = FakeNvml::new(&H100.replace("{procs}", FIXTURE_PROCS));
     let svc = nvml.apply(ServiceBuilder::new())
         .args(["--backend", "musetalk", "--musetalk-python", "python3"])
         .arg("--musetalk-dir")
@@ -1222,10 +1219,12 @@ async fn every_dashboard_panel_returns_data_from_the_real_prometheus() {
             repo("tests/fixtures/worker/fixture_worker.py").display()
         ))
         .arg("--pipeline-env")
-        // The MuseTalk fixture sleeps a little per UNet batch, as a model does: its per-batch
-        // tqdm steps then come after the "Starting inference" marker they belong to.
+        // The MuseTalk fixture sleeps per UNet batch (1 s over the job's batches), as a model
+        // does: its per-batch tqdm steps (stderr) then reach the parser after the "Starting
+        // inference" marker (stdout) they belong to, even on a loaded machine where the two
+        // pipes' readers run tens of ms apart.
         .arg(format!(
-            "PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_MODE=crash_once,FIXTURE_WORKER_STATE_DIR={},MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=0.3",
+            "PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_MODE=crash_once,FIXTURE_WORKER_STATE_DIR={},MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=1",
             worker_state.path().display()
         ))
         // One run slot and one queue place: two held uploads fill the service.

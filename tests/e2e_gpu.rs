@@ -11,22 +11,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::media::file_part;
-use common::nvml::{FakeNvml, H100};
+use common::nvml::{FIXTURE_PROCS, FakeNvml, H100};
 use common::otlp::OtlpReceiver;
 use common::service::{Service, ServiceBuilder, json};
 use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
-
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(REPO).join(rel)
-}
 
 const H100_UUID: &str = "GPU-0b8f1c2d-fake-h100";
 const T4_UUID: &str = "GPU-77aa-fake-t4";
@@ -95,33 +88,20 @@ async fn metrics_until(svc: &Service, what: &str, ok: impl Fn(&str) -> bool) -> 
     }
 }
 
-fn fixture_worker() -> String {
-    format!("python3 -u {}", repo("tests/fixtures/worker/fixture_worker.py").display())
-}
-
 /// The fixture MuseTalk backend (simple mode) and the fixture worker (realtime mode).
 fn musetalk_service(nvml: &FakeNvml, extra_env: &str) -> ServiceBuilder {
     nvml.apply(
-        ServiceBuilder::new()
-            .args(["--backend", "musetalk", "--musetalk-python", "python3", "--sample-interval", "200ms"])
-            .arg("--musetalk-dir")
-            .arg(repo("tests/fixtures/musetalk"))
-            .arg("--realtime")
-            .arg("--worker-command")
-            .arg(fixture_worker())
-            .arg("--pipeline-env")
+        ServiceBuilder::fixture_musetalk()
+            .fixture_worker()
+            .args(["--sample-interval", "200ms", "--pipeline-env"])
             .arg(format!("PYTHONDONTWRITEBYTECODE=1{extra_env}")),
     )
 }
 
-/// The fake's pipeline processes: the fixture MuseTalk run and the fixture worker, each
-/// matched by its command line (the sidecar's own command line names the worker script
-/// too, so `exe=python` keeps it out).
-const PIPELINE_PROCS: &str = "process 0 cmdline=scripts.inference exe=python mem=2147483648 sm=71\nprocess 0 cmdline=fixture_worker.py exe=python mem=3221225472 sm=5";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_gpu_series_reads_what_nvml_says() {
-    let script = format!("{}{T4}\n", H100.replace("{procs}", PIPELINE_PROCS));
+    let script = format!("{}{T4}\n", H100.replace("{procs}", FIXTURE_PROCS));
     let nvml = FakeNvml::new(&script);
     let svc = musetalk_service(&nvml, "").start().await;
     svc.wait_ready().await;
@@ -262,7 +242,7 @@ fn stage_gpus(report: &Value) -> Vec<(String, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_report_has_per_stage_gpu_figures_verdicts_and_energy() {
     // No throttle reason: the SMs (GPM 88 % active) decide, gpu-bound.
-    let steady = H100.replace("reasons=0x4", "reasons=0").replace("{procs}", PIPELINE_PROCS);
+    let steady = H100.replace("reasons=0x4", "reasons=0").replace("{procs}", FIXTURE_PROCS);
     let nvml = FakeNvml::new(&steady);
     let receiver = OtlpReceiver::start().await;
     let svc = musetalk_service(&nvml, ",MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=2")
@@ -348,7 +328,7 @@ async fn a_job_report_has_per_stage_gpu_figures_verdicts_and_energy() {
     assert!(view.contains("gpu-bound"), "{view}");
 
     // Now the power cap holds the clocks down: the next job's stages are throttled.
-    nvml.write(&H100.replace("{procs}", PIPELINE_PROCS));
+    nvml.write(&H100.replace("{procs}", FIXTURE_PROCS));
     tokio::time::sleep(Duration::from_millis(600)).await;
     let body = infer(&svc).await;
     let (name, g) = stage_gpus(&body["report"]).into_iter().find(|(n, _)| n == "unet_inference").expect("unet_inference GPU figures");
@@ -364,7 +344,7 @@ async fn an_energy_counter_that_goes_back_is_a_reset_not_negative_energy() {
     let script = H100
         .replace("energy_mj=5000000", "energy_mj=0 energy_wrap_mj=480000")
         .replace("power_mw=412000", "power_mw=400000")
-        .replace("{procs}", PIPELINE_PROCS);
+        .replace("{procs}", FIXTURE_PROCS);
     let nvml = FakeNvml::new(&script);
     let svc = musetalk_service(&nvml, ",MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=3").start().await;
     svc.wait_ready().await;

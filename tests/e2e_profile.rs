@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::media::file_part;
@@ -18,12 +18,7 @@ use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const TOKEN: &str = "profile-secret";
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(REPO).join(rel)
-}
 
 /// py-spy on PATH (scripts/test.sh installs it with pip).
 fn py_spy() -> PathBuf {
@@ -84,10 +79,8 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 async fn a_simple_job_is_profiled_under_py_spy_stage_by_stage() {
     let (_t, tokens) = tokens();
     let receiver = OtlpReceiver::start().await;
-    let svc = ServiceBuilder::new()
-        .args(["--backend", "musetalk", "--musetalk-python", "python3", "--max-retained-jobs", "1", "--job-retention", "10s"])
-        .arg("--musetalk-dir")
-        .arg(repo("tests/fixtures/musetalk"))
+    let svc = ServiceBuilder::fixture_musetalk()
+        .args(["--max-retained-jobs", "1", "--job-retention", "10s"])
         .args(["--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_BUSY=1.5"])
         .arg("--py-spy")
         .arg(py_spy())
@@ -192,13 +185,8 @@ async fn a_simple_job_is_profiled_under_py_spy_stage_by_stage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realtime_speak_attaches_py_spy_to_the_worker_for_its_request() {
     let (_t, tokens) = tokens();
-    let svc = ServiceBuilder::new()
-        .args(["--backend", "musetalk", "--musetalk-python", "python3"])
-        .arg("--musetalk-dir")
-        .arg(repo("tests/fixtures/musetalk"))
-        .arg("--realtime")
-        .arg("--worker-command")
-        .arg(format!("python3 -u {}", repo("tests/fixtures/worker/fixture_worker.py").display()))
+    let svc = ServiceBuilder::fixture_musetalk()
+        .fixture_worker()
         .args(["--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_BUSY=1.5"])
         .arg("--py-spy")
         .arg(py_spy())
@@ -275,10 +263,7 @@ exit 0
         (killer.clone(), "py_spy_failed", "py-spy stopped the pipeline before it ended"),
     ] {
         // The MuseTalk fixture (Python, a second of work): py-spy is really used on it.
-        let svc = ServiceBuilder::new()
-            .args(["--backend", "musetalk", "--musetalk-python", "python3"])
-            .arg("--musetalk-dir")
-            .arg(repo("tests/fixtures/musetalk"))
+        let svc = ServiceBuilder::fixture_musetalk()
             .args(["--pipeline-env", "PYTHONDONTWRITEBYTECODE=1,MUSETALK_FIXTURE_MODE=slow,MUSETALK_FIXTURE_SLEEP=1"])
             .arg("--py-spy")
             .arg(&py_spy)

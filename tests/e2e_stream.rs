@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::media::file_part;
@@ -20,24 +20,13 @@ use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(REPO).join(rel)
-}
-
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 fn worker_service(state: &Path, extra_env: &str) -> ServiceBuilder {
-    ServiceBuilder::new()
-        .args(["--backend", "musetalk", "--musetalk-python", "python3"])
-        .arg("--musetalk-dir")
-        .arg(repo("tests/fixtures/musetalk"))
-        .arg("--realtime")
-        .arg("--worker-command")
-        .arg(format!("python3 -u {}", repo("tests/fixtures/worker/fixture_worker.py").display()))
+    ServiceBuilder::fixture_musetalk()
+        .fixture_worker()
         .arg("--pipeline-env")
         .arg(format!("PYTHONDONTWRITEBYTECODE=1,FIXTURE_WORKER_STATE_DIR={}{extra_env}", state.display()))
 }

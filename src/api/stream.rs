@@ -30,13 +30,14 @@ const CHUNK: usize = 64 * 1024;
 pub async fn answer(st: &AppState, job: Arc<Job>) -> Response {
     // Wait for the first fragment (a `moof` box: playable frames, not only the header),
     // or the job's end.
+    let mut scanned = 0;
     let path = loop {
         let ended = job.state().is_terminal();
         if ended && job.state() != JobState::Succeeded {
             // Failed before anything was sent: the usual JSON error, never a broken video.
             return super::jobs::finished_response(&job);
         }
-        let growing = job.streaming_to().filter(|p| has_fragment(p));
+        let growing = job.streaming_to().filter(|p| has_fragment(p, &mut scanned));
         if let Some(p) = growing {
             break Some(p);
         }
@@ -73,14 +74,22 @@ pub async fn answer(st: &AppState, job: Arc<Job>) -> Response {
 }
 
 /// The file holds a movie fragment (`moof`) in its first MiB: a first chunk that plays.
-fn has_fragment(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    let Ok(f) = std::fs::File::open(path) else { return false };
-    let mut head = Vec::with_capacity(1 << 16);
-    if f.take(1 << 20).read_to_end(&mut head).is_err() {
+/// Only what was written since the last look (`scanned` bytes) is read again.
+fn has_fragment(path: &std::path::Path, scanned: &mut u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(len) = std::fs::metadata(path).map(|m| m.len().min(1 << 20)) else { return false };
+    if len <= *scanned {
         return false;
     }
-    head.windows(4).any(|w| w == b"moof")
+    // Three bytes back: a `moof` split across two looks is still found.
+    let from = scanned.saturating_sub(3);
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut new = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_err() || f.take(len - from).read_to_end(&mut new).is_err() {
+        return false;
+    }
+    *scanned = len;
+    new.windows(4).any(|w| w == b"moof")
 }
 
 fn respond(st: &AppState, job: Arc<Job>, file: tokio::fs::File) -> Response {

@@ -94,16 +94,19 @@ pub struct LatencyLabels {
     pub worker: String,
 }
 
+/// Every value of the `batch_size` label.
+pub const BATCH_BUCKETS: [&str; 6] = ["1-4", "5-8", "9-16", "17-32", "33+", "default"];
+
 /// `batch_size` label: a bucket, never the raw number.
 pub fn batch_bucket(n: Option<u32>) -> &'static str {
-    match n {
-        None => "default",
-        Some(0..=4) => "1-4",
-        Some(5..=8) => "5-8",
-        Some(9..=16) => "9-16",
-        Some(17..=32) => "17-32",
-        Some(_) => "33+",
-    }
+    BATCH_BUCKETS[match n {
+        Some(0..=4) => 0,
+        Some(5..=8) => 1,
+        Some(9..=16) => 2,
+        Some(17..=32) => 3,
+        Some(_) => 4,
+        None => 5,
+    }]
 }
 
 /// The job runner's families. Built and registered in one expression each ([`registered`]).

@@ -148,7 +148,7 @@ impl Latency {
 
     /// The metric labels of this job's latency figures.
     pub fn labels(&self, mode: &'static str) -> super::metrics::LatencyLabels {
-        let bucket = ["1-4", "5-8", "9-16", "17-32", "33+", "default"].into_iter().find(|b| *b == self.batch_size).unwrap_or("default");
+        let bucket = super::metrics::BATCH_BUCKETS.into_iter().find(|b| *b == self.batch_size).unwrap_or("default");
         super::metrics::LatencyLabels { mode, version: self.version.clone(), fp16: if self.fp16 { "true" } else { "false" }, batch_size: bucket, worker: self.worker.clone() }
     }
 }

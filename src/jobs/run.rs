@@ -535,9 +535,10 @@ async fn execute(
     let (mut result, mut parser) = run(wrapped.as_ref().map_or(inv, |w| &w.invocation), rec).await;
     if let Some(w) = wrapped {
         let py_spy_said: Vec<String> = result.as_ref().map(|o| o.stderr_tail.clone()).unwrap_or_default();
+        let (shim, shim_start) = w.shim();
         if let Ok(o) = &mut result {
             // py-spy exits 0 whatever the pipeline did: its shim says how the pipeline ended.
-            match w.status() {
+            match shim {
                 ShimStatus::Exited(c) => (o.code, o.signal) = (Some(c), None),
                 ShimStatus::Signalled(s) => (o.code, o.signal) = (None, Some(s)),
                 ShimStatus::NotStarted | ShimStatus::Running => {}
@@ -551,7 +552,7 @@ async fn execute(
         // Python process gone while a non-Python step still ran). A timeout or a
         // cancellation is the job's own. Either way the pipeline runs again unprofiled:
         // a broken profiler never fails a job (what ran before is lost, and said so).
-        let by_py_spy = match (&result, w.status()) {
+        let by_py_spy = match (&result, shim) {
             (Err(e), _) => Some(format!("py-spy could not run the pipeline: {e}")),
             (Ok(o), ShimStatus::NotStarted) if o.ended == pipeline::process::EndReason::Exited => Some("py-spy did not start the pipeline".to_string()),
             (Ok(o), ShimStatus::Running) if o.ended == pipeline::process::EndReason::Exited => Some("py-spy stopped the pipeline before it ended".to_string()),
@@ -563,7 +564,7 @@ async fn execute(
             rec.profile = Some(Err(profile::Unavailable { reason: profile::Reason::PySpyFailed, detail: format!("{what}: {why}; the job ran again without a profile") }));
             (result, parser) = run(inv, rec).await;
         } else {
-            rec.profile = Some(w.finish(&py_spy_said).await);
+            rec.profile = Some(w.finish(shim_start, &py_spy_said).await);
         }
     }
     let outcome = result.map_err(|e| StepFailure::from_pipeline(Step::SubprocessExecution, e))?;

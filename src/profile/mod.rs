@@ -269,15 +269,17 @@ pub enum ShimStatus {
 
 impl Wrapped {
     /// What the shim recorded of the pipeline.
-    pub fn status(&self) -> ShimStatus {
-        parse_status(&std::fs::read_to_string(&self.status).unwrap_or_default()).0
+    /// How the pipeline ended and when it started, as the shim recorded them (read once,
+    /// after the run).
+    pub fn shim(&self) -> (ShimStatus, Option<SystemTime>) {
+        parse_status(&std::fs::read_to_string(&self.status).unwrap_or_default())
     }
 
-    /// The profile of the run. Its time 0 is when py-spy started the pipeline (the shim's
-    /// start; measured: the trace's clock and the shim's start agree within a sample,
-    /// while py-spy's own start-up before that took ~70 ms on a loaded 2-core machine).
-    pub async fn finish(self, stderr: &[String]) -> Result<Taken, Unavailable> {
-        let origin = parse_status(&std::fs::read_to_string(&self.status).unwrap_or_default()).1.unwrap_or(self.started);
+    /// The profile of the run. Its time 0 is when py-spy started the pipeline: the shim's
+    /// recorded start (`shim_start`), else when the job asked for it (py-spy's own start-up
+    /// before the shim took ~70 ms on a loaded 2-core machine).
+    pub async fn finish(self, shim_start: Option<SystemTime>, stderr: &[String]) -> Result<Taken, Unavailable> {
+        let origin = shim_start.unwrap_or(self.started);
         let (dir, stderr) = (self.dir, stderr.to_vec());
         tokio::task::spawn_blocking(move || taken(&dir, origin, &stderr)).await.unwrap_or_else(|e| Err(Unavailable::new(Reason::PySpyFailed, format!("reading the trace: {e}"))))
     }

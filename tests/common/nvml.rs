@@ -49,6 +49,11 @@ gpu 0 uuid=GPU-0b8f1c2d-fake-h100 name="NVIDIA H100 80GB HBM3" util=93 mem_util=
 {procs}
 "#;
 
+/// The fixture pipelines as GPU processes, matched by command line: the MuseTalk fixture
+/// run (2 GiB, 71 % SM) and the fixture worker (3 GiB, 5 % SM). The sidecar's own command
+/// line names the worker script too, so `exe=python` keeps it out.
+pub const FIXTURE_PROCS: &str = "process 0 cmdline=scripts.inference exe=python mem=2147483648 sm=71\nprocess 0 cmdline=fixture_worker.py exe=python mem=3221225472 sm=5";
+
 /// A scripted fake NVML for one test.
 pub struct FakeNvml {
     dir: tempfile::TempDir,

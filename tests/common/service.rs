@@ -110,6 +110,20 @@ impl ServiceBuilder {
         self
     }
 
+    /// The MuseTalk fixture backend (tests/fixtures/musetalk: the real CLI contract, no
+    /// model) in simple mode.
+    pub fn fixture_musetalk() -> Self {
+        ServiceBuilder::new()
+            .args(["--backend", "musetalk", "--musetalk-python", "python3", "--musetalk-dir"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/musetalk"))
+    }
+
+    /// Realtime mode with the fixture worker (tests/fixtures/worker/fixture_worker.py).
+    pub fn fixture_worker(self) -> Self {
+        let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/worker/fixture_worker.py");
+        self.args(["--realtime", "--worker-command"]).arg(format!("python3 -u {}", worker.display()))
+    }
+
     /// Run without the explicit `serve` subcommand (serve is the default).
     pub fn without_subcommand(mut self) -> Self {
         self.subcommand = false;
