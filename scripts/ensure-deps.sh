@@ -5,6 +5,9 @@
 #
 # Each argument is a Debian package and what it provides:
 #   ffmpeg        ffmpeg, ffprobe   (the preview backend, media probing)
+#   ffmpeg-dev    FFmpeg's headers and pkg-config files, and libclang (bindgen): to build
+#                 musetalk-probe-helper, the persistent media probe (packages pkg-config,
+#                 libavformat-dev, libavcodec-dev, libavutil-dev, libclang-dev)
 #   prometheus    prometheus, promtool (the real Prometheus the e2e tests scrape with)
 #   python3-yaml  `python3 -c 'import yaml'`
 #   curl          curl (the README's quick start, which tests/e2e_quickstart.rs runs as written)
@@ -21,6 +24,8 @@ say() { printf '==> %s\n' "$*"; }
 have() {
     case "$1" in
         ffmpeg) command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 ;;
+        ffmpeg-dev) pkg-config --exists libavformat libavcodec libavutil >/dev/null 2>&1 \
+            && compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null ;;
         prometheus) command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 ;;
         python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
         chromium) command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 ;;
@@ -34,6 +39,7 @@ have() {
 packages() {
     case "$1" in
         chromium) echo chromium chromium-driver ;;
+        ffmpeg-dev) echo pkg-config libavformat-dev libavcodec-dev libavutil-dev libclang-dev ;;
         *) echo "$1" ;;
     esac
 }

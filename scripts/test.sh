@@ -3,7 +3,8 @@
 # a real Prometheus, an in-process OTLP receiver). Tests marked #[ignore] need an
 # NVIDIA GPU and stay ignored. Extra arguments go to `cargo test`.
 #
-# On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe,
+# On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe, FFmpeg's
+# -dev packages and libclang for the probe helper's build,
 # prometheus, promtool, python3-yaml, chromium and chromedriver for the status page's
 # browser test, curl for the README's quick start, py-spy for the profiling tests) are
 # installed when running as root (py-spy with pip); otherwise the command to install them
@@ -19,7 +20,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 say "checking system tools"
-scripts/ensure-deps.sh ffmpeg prometheus python3-yaml chromium curl py-spy
+scripts/ensure-deps.sh ffmpeg ffmpeg-dev prometheus python3-yaml chromium curl py-spy
 
 say "cargo test --all-targets $*"
 status=0

@@ -155,6 +155,18 @@ pub struct Config {
     #[arg(long, env = "MUSETALK_SIDECAR_FFPROBE", default_value = "ffprobe")]
     pub ffprobe: PathBuf,
 
+    /// The persistent media probe: `auto` (musetalk-probe-helper next to this binary, when
+    /// it is there), `off` (ffprobe once per file), or the helper's path. Where a helper
+    /// cannot start, ffprobe answers instead (said once in the log and by `check`).
+    #[arg(long, env = "MUSETALK_SIDECAR_PROBE_HELPER", default_value = "auto")]
+    pub probe_helper: String,
+
+    /// Reading one file (headers, the start decoded, packets counted) must take no longer:
+    /// past it the probe is killed and the upload refused (a hostile file must not hang).
+    #[arg(long, env = "MUSETALK_SIDECAR_PROBE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+
     /// py-spy executable, for per-job Python profiles (`profile=true`, `--profile-ratio`).
     #[arg(long = "py-spy", env = "MUSETALK_SIDECAR_PY_SPY", default_value = "py-spy")]
     pub py_spy: PathBuf,
@@ -302,6 +314,9 @@ impl Config {
         if self.job_timeout.is_zero() {
             return invalid("job-timeout", "must be greater than zero");
         }
+        if self.probe_timeout.is_zero() {
+            return invalid("probe-timeout", "must be greater than zero");
+        }
         if self.max_upload_bytes == 0 {
             return invalid("max-upload-bytes", "must be greater than zero");
         }
@@ -382,6 +397,9 @@ impl Config {
         self.ffmpeg = PathBuf::from(program(&self.ffmpeg.display().to_string()));
         self.ffprobe = PathBuf::from(program(&self.ffprobe.display().to_string()));
         self.py_spy = PathBuf::from(program(&self.py_spy.display().to_string()));
+        if !matches!(self.probe_helper.as_str(), "auto" | "off") {
+            self.probe_helper = program(&self.probe_helper);
+        }
         self.auth_token_file = self.auth_token_file.as_deref().map(abs);
         // The program of an argv template (validated above, so it splits).
         let with_program = |cmd: &str| -> String {

@@ -84,6 +84,14 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     }
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
     tokio::spawn(probe_backend(backend.clone(), state.backend_status.clone(), shutdown.clone()));
+    // Says how uploads will be probed, and has the first helper ready before the first upload.
+    let prober = jobs.prober().clone();
+    tokio::spawn(async move {
+        match prober.describe().await {
+            Ok(d) => tracing::info!("media probe: persistent helper {d}"),
+            Err(why) => tracing::info!("media probe: {why}"),
+        }
+    });
 
     let listener = TcpListener::bind(config.listen).await.map_err(|source| RunError::Bind { addr: config.listen, source })?;
     let local = listener.local_addr().map_err(RunError::Serve)?;

@@ -13,59 +13,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::media::{file_part, make};
+use common::media::real_world::*;
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
 use reqwest::multipart::Form;
 use serde_json::Value;
-
-const LAVFI: &str = "lavfi";
-
-/// A browser's MediaRecorder: VP8 + Opus in a live webm (no duration, no cues).
-fn recorder_webm() -> PathBuf {
-    make(
-        "rec-vp8-opus-live.webm",
-        &["-f", LAVFI, "-i", "testsrc=size=160x120:rate=30", "-f", LAVFI, "-i", "sine=frequency=300:sample_rate=48000", "-t", "3", "-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libopus", "-live", "1", "-f", "webm"],
-    )
-}
-
-/// MediaRecorder audio only: Opus in a live webm, 4 s.
-fn recorder_opus() -> PathBuf {
-    make("rec-opus-live.webm", &["-f", LAVFI, "-i", "sine=frequency=500:sample_rate=48000:duration=4", "-c:a", "libopus", "-live", "1", "-f", "webm"])
-}
-
-/// 1 s at 30 fps, then 3 s at 10 fps, in Matroska (no frame count in the header).
-fn vfr_mkv() -> PathBuf {
-    make(
-        "vfr-30-then-10fps.mkv",
-        &["-f", LAVFI, "-i", "testsrc=size=128x96:rate=30", "-frames:v", "60", "-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'", "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p"],
-    )
-}
-
-/// A phone's portrait clip: stored 320x180 with a 90° display matrix.
-fn rotated_mp4() -> PathBuf {
-    let plain = make("plain-320x180.mp4", &["-f", LAVFI, "-i", "testsrc=size=320x180:rate=30", "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p"]);
-    make("phone-rotated-90.mp4", &["-i", plain.to_str().unwrap(), "-c", "copy", "-metadata:s:v:0", "rotate=90"])
-}
-
-fn portrait_png() -> PathBuf {
-    make("portrait-180x320.png", &["-f", LAVFI, "-i", "testsrc=size=180x320", "-frames:v", "1"])
-}
-
-fn hevc10_mov() -> PathBuf {
-    make("hevc-10bit.mov", &["-f", LAVFI, "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-c:v", "libx265", "-x265-params", "log-level=error", "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1"])
-}
-
-fn mp3_8k() -> PathBuf {
-    make("mono-8k.mp3", &["-f", LAVFI, "-i", "sine=frequency=400:sample_rate=8000:duration=3", "-ac", "1", "-c:a", "libmp3lame"])
-}
-
-fn flac_51() -> PathBuf {
-    make("surround-5.1.flac", &["-f", LAVFI, "-i", "sine=frequency=350:sample_rate=48000:duration=2.5", "-ac", "6", "-c:a", "flac"])
-}
-
-fn wav() -> PathBuf {
-    common::media::sine(440, 3, 16_000)
-}
 
 /// `(frames, seconds, width, height)` of an output, by ffprobe (frames counted).
 fn output_facts(path: &Path) -> (u64, f64, u32, u32) {

@@ -107,7 +107,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
         return Err(upload::refuse(&st, &a.job, ApiError::internal("the video or avatar_id part went missing")));
     };
     // The upload check decodes the video stream only; the headers say what else is there.
-    info.has_audio = crate::pipeline::media::probe(&st.config.ffprobe, &upload).await.is_ok_and(|all| all.has_audio);
+    info.has_audio = crate::pipeline::media::probe(st.jobs.prober(), &upload).await.is_ok_and(|all| all.has_audio);
     // This preparation's own names (the job id is the generation).
     let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
     let paths = crate::jobs::avatars::paths(&st.config.avatars_dir(), reservation.id(), &a.job.id, &ext);

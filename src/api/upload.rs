@@ -320,10 +320,11 @@ pub fn valid_avatar_id(v: &str) -> Result<(), ApiError> {
 /// naming the part when it is not media, does not decode, or lacks its stream.
 async fn probe(st: &AppState, m: Media, path: &Path) -> Result<MediaInfo, ApiError> {
     let (part, code) = (m.name(), m.invalid());
-    let info = media::probe_decoding(&st.config.ffprobe, path, m == Media::Video).await.map_err(|e| match e {
+    let info = media::probe_decoding(st.jobs.prober(), path, m == Media::Video).await.map_err(|e| match e {
         ProbeError::Unreadable(why) => ApiError::bad_request(code, format!("the `{part}` part is not a readable media file: {why}")),
         ProbeError::Undecodable(why) => ApiError::bad_request(code, format!("the `{part}` part cannot be decoded: {why}")),
-        ProbeError::Timeout(limit) => ApiError::bad_request(code, format!("the `{part}` part could not be read within {} s", limit.as_secs())),
+        ProbeError::Timeout(limit) => ApiError::bad_request(code, format!("the `{part}` part could not be read within {} s", limit.as_secs_f64())),
+        ProbeError::Crashed(how) => ApiError::bad_request(code, format!("the `{part}` part crashed the media reader ({how}); it is not a file this service can read safely")),
         other => ApiError::internal(format!("probing the `{part}` part: {other}")),
     })?;
     match m {

@@ -202,6 +202,7 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     if let Some(o) = encoders(&config.ffmpeg).await {
         p.print(o);
     }
+    p.print(media_probe(&config).await);
     p.print(nvml(args.require_gpu));
     for o in py_spy(&config) {
         p.print(o);
@@ -389,6 +390,18 @@ fn py_spy(config: &Config) -> Vec<Outcome> {
         out.push(warn("py-spy attach", why.to_string(), "add the SYS_PTRACE capability to the container (deploy/compose: cap_add; Kubernetes: securityContext.capabilities.add), or run with kernel.yama.ptrace_scope=0"));
     }
     out
+}
+
+/// The persistent probe helper starts (each upload then costs no ffprobe start).
+async fn media_probe(config: &Config) -> Outcome {
+    match crate::pipeline::prober::Prober::new(config).describe().await {
+        Ok(d) => ok("media probe", format!("persistent helper {d}")),
+        Err(why) => warn(
+            "media probe",
+            why,
+            "build musetalk-probe-helper (scripts/run.sh and `cargo build --release` put it next to musetalk-sidecar; it needs FFmpeg's libraries: apt-get install ffmpeg), or say --probe-helper off",
+        ),
+    }
 }
 
 /// The data dir (or, before the first run, its nearest existing ancestor) is writable,

@@ -391,12 +391,19 @@ pub struct JobManager {
     draining: AtomicBool,
     /// Per-job Python profiles (py-spy), what this host allows of them.
     profiler: crate::profile::Profiler,
+    /// Media facts for uploads and outputs (the persistent helpers, or ffprobe).
+    prober: crate::pipeline::prober::Prober,
 }
 
 impl JobManager {
     /// The profiler (`check`'s and `/readyz`'s view of it too).
     pub fn profiler(&self) -> &crate::profile::Profiler {
         &self.profiler
+    }
+
+    /// Media facts for uploads and outputs.
+    pub fn prober(&self) -> &crate::pipeline::prober::Prober {
+        &self.prober
     }
 
     /// The simple-mode backend.
@@ -418,8 +425,10 @@ impl JobManager {
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
         let avatars = avatars::AvatarStore::new(realtime.name());
         let profiler = crate::profile::Profiler::new(&config);
+        let prober = crate::pipeline::prober::Prober::new(&config);
         let m = Arc::new(JobManager {
             profiler,
+            prober,
             slots,
             config,
             backend,

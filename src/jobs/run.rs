@@ -444,7 +444,7 @@ async fn probe_output(m: &Arc<JobManager>, span: &tracing::Span, rec: &mut Recor
     if input > 0 {
         span.set_attribute("musetalk.output.input_ratio", size as f64 / input as f64);
     }
-    match pipeline::media::probe(&m.config.ffprobe, &path).await {
+    match pipeline::media::probe(m.prober(), &path).await {
         Ok(info) if info.has_video => {
             rec.output_seconds = Some(info.duration_secs);
             rec.output_frames = info.frames;

@@ -1,10 +1,14 @@
-//! Media probing with ffprobe: what an upload really is (streams, duration, frames), and
-//! whether the stream a job will use decodes.
+//! Media probing: what an upload really is (streams, duration, frames), and whether the
+//! stream a job will use decodes. The rules live here; the facts come from a
+//! [`Prober`](super::prober::Prober) (the persistent helper, or ffprobe per file), in
+//! ffprobe's own schema, so both give the same answers.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::prober::{Prober, Query};
 
 /// What ffprobe says about a file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -57,8 +61,12 @@ impl MediaInfo {
 pub enum ProbeError {
     #[error("cannot run ffprobe ({0}): install ffmpeg or set --ffprobe")]
     Spawn(std::io::Error),
-    #[error("ffprobe took longer than {0:?}")]
+    #[error("reading the file took longer than {0:?}")]
     Timeout(Duration),
+    /// The probe helper died reading this file (a decoder bug hit by a crafted input):
+    /// the helper is restarted, the file refused.
+    #[error("the media reader crashed on it ({0})")]
+    Crashed(String),
     #[error("not a readable media file: {0}")]
     Unreadable(String),
     /// The headers read, but the stream a job would use does not decode.
@@ -66,39 +74,48 @@ pub enum ProbeError {
     Undecodable(String),
 }
 
-#[derive(Deserialize)]
-struct Probe {
+/// What a probe reports, in ffprobe's JSON schema (the `-show_entries` it is asked for): ffprobe
+/// prints it, the probe helper builds it, [`interpret`] reads it.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct Probe {
     #[serde(default)]
-    streams: Vec<ProbeStream>,
-    format: Option<ProbeFormat>,
+    pub streams: Vec<ProbeStream>,
+    pub format: Option<ProbeFormat>,
     /// Decoded frames, when asked for (`-show_entries frame=media_type`).
-    #[serde(default)]
-    frames: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct ProbeStream {
-    codec_type: Option<String>,
-    codec_name: Option<String>,
-    width: Option<u32>,
-    height: Option<u32>,
-    avg_frame_rate: Option<String>,
-    r_frame_rate: Option<String>,
-    nb_frames: Option<String>,
-    duration: Option<String>,
-    #[serde(default)]
-    side_data_list: Vec<SideData>,
+/// One stream, as ffprobe prints it (numbers it prints as strings stay strings; `N/A` is
+/// absent).
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct ProbeStream {
+    pub codec_type: Option<String>,
+    pub codec_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    pub avg_frame_rate: Option<String>,
+    pub r_frame_rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nb_frames: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side_data_list: Vec<SideData>,
 }
 
-#[derive(Deserialize)]
-struct SideData {
-    rotation: Option<f64>,
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct SideData {
+    pub rotation: Option<f64>,
 }
 
-#[derive(Deserialize)]
-struct ProbeFormat {
-    format_name: Option<String>,
-    duration: Option<String>,
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct ProbeFormat {
+    pub format_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
 }
 
 fn rate(s: Option<&str>) -> Option<f64> {
@@ -115,6 +132,13 @@ pub fn parse_probe(json: &str, size_bytes: u64) -> Result<MediaInfo, ProbeError>
 /// [`parse_probe`], and how many frames ffprobe decoded.
 fn parse_probe_frames(json: &str, size_bytes: u64) -> Result<(MediaInfo, usize), ProbeError> {
     let p: Probe = serde_json::from_str(json).map_err(|e| ProbeError::Unreadable(format!("unexpected ffprobe output: {e}")))?;
+    let decoded = p.frames.len();
+    Ok((interpret(p, size_bytes), decoded))
+}
+
+/// What a probe's report means for a job: which streams count, the displayed size, the
+/// duration and where it came from, the frame count.
+pub fn interpret(p: Probe, size_bytes: u64) -> MediaInfo {
     // A stream counts only with a codec ffmpeg knows (and, for video, a picture size):
     // ffprobe lists `unknown` or 0x0 streams that no pipeline can decode (found by fuzzing).
     let known = |s: &&ProbeStream| s.codec_name.as_deref().is_some_and(|c| !c.is_empty() && c != "unknown");
@@ -140,26 +164,24 @@ fn parse_probe_frames(json: &str, size_bytes: u64) -> Result<(MediaInfo, usize),
     if rotation == 90 || rotation == 270 {
         std::mem::swap(&mut width, &mut height);
     }
-    let decoded = p.frames.len();
-    Ok((MediaInfo { format, duration_secs: duration, size_bytes, has_video: video.is_some(), has_audio: audio.is_some(), width, height, fps, frames, rotation, duration_source }, decoded))
-}
-
-/// Reads a stream's packets to the end: `(seconds from the first timestamp to the end of
-/// the last packet, packets)`. Demuxing only (no decoding), bounded by ffprobe's time
-/// limit, so a 10-minute recording costs tens of milliseconds.
-async fn measure(ffprobe: &Path, path: &Path, stream: &str) -> Result<Option<(f64, u64)>, ProbeError> {
-    let out = run_ffprobe(ffprobe, &["-v", "error", "-select_streams", stream, "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0"], path).await?;
-    Ok(packet_span(&String::from_utf8_lossy(&out.stdout)))
+    MediaInfo { format, duration_secs: duration, size_bytes, has_video: video.is_some(), has_audio: audio.is_some(), width, height, fps, frames, rotation, duration_source }
 }
 
 /// `pts,duration` lines (either may be `N/A`) → span and count (separate from running
 /// ffprobe, so it is unit-tested).
-fn packet_span(csv: &str) -> Option<(f64, u64)> {
-    let (mut first, mut end, mut count) = (f64::INFINITY, f64::NEG_INFINITY, 0u64);
-    for line in csv.lines() {
+pub fn packet_span(csv: &str) -> Option<(f64, u64)> {
+    span_of(csv.lines().filter_map(|line| {
         let mut cols = line.split(',');
-        let Some(pts) = cols.next().and_then(|p| p.trim().parse::<f64>().ok()) else { continue };
-        let dur = cols.next().and_then(|d| d.trim().parse::<f64>().ok()).unwrap_or(0.0);
+        let pts = cols.next()?.trim().parse::<f64>().ok()?;
+        Some((pts, cols.next().and_then(|d| d.trim().parse::<f64>().ok()).unwrap_or(0.0)))
+    }))
+}
+
+/// Packets' `(pts, duration)` in seconds (those without a timestamp left out) → `(seconds
+/// from the first timestamp to the end of the last packet, packets)`.
+pub fn span_of(packets: impl IntoIterator<Item = (f64, f64)>) -> Option<(f64, u64)> {
+    let (mut first, mut end, mut count) = (f64::INFINITY, f64::NEG_INFINITY, 0u64);
+    for (pts, dur) in packets {
         first = first.min(pts);
         end = end.max(pts + dur);
         count += 1;
@@ -170,14 +192,15 @@ fn packet_span(csv: &str) -> Option<(f64, u64)> {
 /// Fills in what the headers did not say by reading the used stream's packets: the
 /// duration (a MediaRecorder webm has none anywhere) and the video frame count (mkv and
 /// webm state none, and fps × duration is wrong for variable frame rates).
-async fn complete(ffprobe: &Path, path: &Path, video: bool, info: &mut MediaInfo) -> Result<(), ProbeError> {
+async fn complete(prober: &Prober, path: &Path, video: bool, info: &mut MediaInfo) -> Result<(), ProbeError> {
     let has = if video { info.has_video } else { info.has_audio };
     let unknown_duration = info.duration_source == DurationSource::Unknown;
     let uncounted = video && info.frames.is_none() && !info.is_still();
     if !has || !(unknown_duration || uncounted) {
         return Ok(());
     }
-    let Some((seconds, packets)) = measure(ffprobe, path, if video { "v:0" } else { "a:0" }).await? else { return Ok(()) };
+    // Demuxing only (no decoding), so a 10-minute recording costs tens of milliseconds.
+    let Some((seconds, packets)) = prober.ask(Query::Packets { video }, path).await?.span else { return Ok(()) };
     if unknown_duration {
         info.duration_secs = seconds;
         info.duration_source = DurationSource::Measured;
@@ -192,7 +215,7 @@ async fn complete(ffprobe: &Path, path: &Path, video: bool, info: &mut MediaInfo
 /// without the `[mov,mp4 @ 0x…] ` and `path: ` prefixes. The cause usually comes first
 /// ("moov atom not found") and the generic verdict last ("Invalid data found when
 /// processing input"): the last line alone hid the cause.
-fn reason(stderr: &[u8], fallback: &str) -> String {
+pub fn reason(stderr: &[u8], fallback: &str) -> String {
     let err = String::from_utf8_lossy(stderr);
     let mut messages: Vec<String> = Vec::new();
     for line in err.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -211,50 +234,33 @@ fn reason(stderr: &[u8], fallback: &str) -> String {
     messages[messages.len().saturating_sub(3)..].join("; ")
 }
 
-/// Runs ffprobe with `args` then `path`, bounded in time (a hostile file must not hang a job).
-async fn run_ffprobe(ffprobe: &Path, args: &[&str], path: &Path) -> Result<std::process::Output, ProbeError> {
-    let limit = Duration::from_secs(30);
-    let out = tokio::process::Command::new(ffprobe).args(args).arg(path).stdin(std::process::Stdio::null()).kill_on_drop(true).output();
-    let out = tokio::time::timeout(limit, out).await.map_err(|_| ProbeError::Timeout(limit))?.map_err(ProbeError::Spawn)?;
-    if !out.status.success() {
-        return Err(ProbeError::Unreadable(reason(&out.stderr, "ffprobe failed")));
-    }
-    Ok(out)
-}
-
-const ENTRIES: &str = "format=format_name,duration:stream=codec_type,codec_name,width,height,avg_frame_rate,r_frame_rate,nb_frames,duration:stream_side_data=rotation";
-
 /// Probes an upload and decodes the start of the stream a job will use: the first
 /// video stream's first 10 packets, or the first audio stream's first 2 s. Headers
 /// alone can lie: a file ffprobe reads may not decode, and the job would then fail
-/// with a server error instead of a 400 (found by fuzzing). One process does both,
-/// because starting ffmpeg's tools is most of what a check costs.
-pub async fn probe_decoding(ffprobe: &Path, path: &Path, video: bool) -> Result<MediaInfo, ProbeError> {
+/// with a server error instead of a 400 (found by fuzzing). One query does both.
+pub async fn probe_decoding(prober: &Prober, path: &Path, video: bool) -> Result<MediaInfo, ProbeError> {
     let size = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
-    let (stream, interval) = if video { ("v:0", "%+#10") } else { ("a:0", "%+2") };
-    let entries = format!("{ENTRIES}:frame=media_type");
-    let out = run_ffprobe(ffprobe, &["-v", "error", "-select_streams", stream, "-read_intervals", interval, "-show_entries", &entries, "-of", "json"], path).await?;
-    let (mut info, decoded) = parse_probe_frames(&String::from_utf8_lossy(&out.stdout), size)?;
+    let answer = prober.ask(Query::Decode { video }, path).await?;
+    let mut info = interpret(answer.probe, size);
     // Without the stream the caller's "has no video/audio stream" is the clearer error.
     if (video && info.has_video) || (!video && info.has_audio) {
-        if !String::from_utf8_lossy(&out.stderr).trim().is_empty() {
-            return Err(ProbeError::Undecodable(reason(&out.stderr, "decoding failed")));
+        if !answer.errors.trim().is_empty() {
+            return Err(ProbeError::Undecodable(reason(answer.errors.as_bytes(), "decoding failed")));
         }
-        if decoded == 0 {
+        if answer.decoded == 0 {
             return Err(ProbeError::Undecodable("no frame of its first stream decodes".into()));
         }
     }
-    complete(ffprobe, path, video, &mut info).await?;
+    complete(prober, path, video, &mut info).await?;
     Ok(info)
 }
 
-/// Runs ffprobe on `path` (headers, then the packets where the headers state no duration
-/// or frame count: for a pipeline's output and an avatar's streams).
-pub async fn probe(ffprobe: &Path, path: &Path) -> Result<MediaInfo, ProbeError> {
+/// Probes `path` (headers, then the packets where the headers state no duration or frame
+/// count: for a pipeline's output and an avatar's streams).
+pub async fn probe(prober: &Prober, path: &Path) -> Result<MediaInfo, ProbeError> {
     let size = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
-    let out = run_ffprobe(ffprobe, &["-v", "error", "-show_entries", ENTRIES, "-of", "json"], path).await?;
-    let mut info = parse_probe(&String::from_utf8_lossy(&out.stdout), size)?;
-    complete(ffprobe, path, info.has_video, &mut info).await?;
+    let mut info = interpret(prober.ask(Query::Headers, path).await?.probe, size);
+    complete(prober, path, info.has_video, &mut info).await?;
     Ok(info)
 }
 
@@ -346,7 +352,7 @@ mod tests {
             return;
         }
         assert!(made(&["-f", "lavfi", "-i", "sine=duration=1"], &a));
-        let ffprobe = Path::new("ffprobe");
+        let ffprobe = &Prober::ffprobe(Path::new("ffprobe"), Duration::from_secs(30));
         let info = probe_decoding(ffprobe, &v, true).await.unwrap();
         assert!(info.has_video && (info.duration_secs - 1.0).abs() < 0.1, "{info:?}");
         assert!(probe_decoding(ffprobe, &v, false).await.unwrap().has_audio, "the audio of a video file");

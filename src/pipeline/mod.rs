@@ -13,6 +13,7 @@ pub mod media;
 pub mod musetalk;
 pub mod preview;
 pub mod process;
+pub mod prober;
 pub mod realtime;
 pub mod stages;
 pub mod trial;

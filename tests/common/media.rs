@@ -138,3 +138,72 @@ impl HeldUpload {
         self.response
     }
 }
+
+/// What browsers, phones and editors produce, made with ffmpeg (each once per suite).
+pub mod real_world {
+    use std::path::PathBuf;
+
+    pub const LAVFI: &str = "lavfi";
+
+    /// A browser's MediaRecorder: VP8 + Opus in a live webm (no duration, no cues).
+    pub fn recorder_webm() -> PathBuf {
+        super::make(
+            "rec-vp8-opus-live.webm",
+            &["-f", LAVFI, "-i", "testsrc=size=160x120:rate=30", "-f", LAVFI, "-i", "sine=frequency=300:sample_rate=48000", "-t", "3", "-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libopus", "-live", "1", "-f", "webm"],
+        )
+    }
+
+    /// MediaRecorder audio only: Opus in a live webm, 4 s.
+    pub fn recorder_opus() -> PathBuf {
+        super::make("rec-opus-live.webm", &["-f", LAVFI, "-i", "sine=frequency=500:sample_rate=48000:duration=4", "-c:a", "libopus", "-live", "1", "-f", "webm"])
+    }
+
+    /// 1 s at 30 fps, then 3 s at 10 fps, in Matroska (no frame count in the header).
+    pub fn vfr_mkv() -> PathBuf {
+        super::make(
+            "vfr-30-then-10fps.mkv",
+            &["-f", LAVFI, "-i", "testsrc=size=128x96:rate=30", "-frames:v", "60", "-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'", "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p"],
+        )
+    }
+
+    /// A phone's portrait clip: stored 320x180 with a 90° display matrix.
+    pub fn rotated_mp4() -> PathBuf {
+        let plain = super::make("plain-320x180.mp4", &["-f", LAVFI, "-i", "testsrc=size=320x180:rate=30", "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p"]);
+        super::make("phone-rotated-90.mp4", &["-i", plain.to_str().unwrap(), "-c", "copy", "-metadata:s:v:0", "rotate=90"])
+    }
+
+    pub fn portrait_png() -> PathBuf {
+        super::make("portrait-180x320.png", &["-f", LAVFI, "-i", "testsrc=size=180x320", "-frames:v", "1"])
+    }
+
+    pub fn hevc10_mov() -> PathBuf {
+        super::make("hevc-10bit.mov", &["-f", LAVFI, "-i", "testsrc=size=128x128:rate=25", "-t", "2", "-c:v", "libx265", "-x265-params", "log-level=error", "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1"])
+    }
+
+    pub fn mp3_8k() -> PathBuf {
+        super::make("mono-8k.mp3", &["-f", LAVFI, "-i", "sine=frequency=400:sample_rate=8000:duration=3", "-ac", "1", "-c:a", "libmp3lame"])
+    }
+
+    pub fn flac_51() -> PathBuf {
+        super::make("surround-5.1.flac", &["-f", LAVFI, "-i", "sine=frequency=350:sample_rate=48000:duration=2.5", "-ac", "6", "-c:a", "flac"])
+    }
+
+    pub fn wav() -> PathBuf {
+        super::sine(440, 3, 16_000)
+    }
+
+    /// Every kind above, named.
+    pub fn all() -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("MediaRecorder webm (VP8+Opus, no duration)", recorder_webm()),
+            ("MediaRecorder opus", recorder_opus()),
+            ("variable frame rate mkv", vfr_mkv()),
+            ("rotated phone mp4", rotated_mp4()),
+            ("portrait png still", portrait_png()),
+            ("10-bit HEVC mov", hevc10_mov()),
+            ("8 kHz mp3", mp3_8k()),
+            ("5.1 flac", flac_51()),
+            ("16 kHz wav", wav()),
+        ]
+    }
+}
