@@ -161,8 +161,9 @@ pub struct Config {
     #[arg(long, env = "MUSETALK_SIDECAR_PROBE_HELPER", default_value = "auto")]
     pub probe_helper: String,
 
-    /// Reading one file (headers, the start decoded, packets counted) must take no longer:
-    /// past it the probe is killed and the upload refused (a hostile file must not hang).
+    /// One probe query of a file (its headers, its start decoded, or its packets counted;
+    /// an upload takes one or two) must take no longer: past it the probe is killed and
+    /// the upload refused (a hostile file must not hang a request).
     #[arg(long, env = "MUSETALK_SIDECAR_PROBE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,

@@ -199,6 +199,8 @@ pub struct Metrics {
     pub collector: crate::collector::CollectorFamilies,
     /// Python profiles of jobs (`profile/mod.rs`).
     pub profile: crate::profile::ProfileFamilies,
+    /// Media probe queries (`pipeline/prober.rs`).
+    pub probe: crate::pipeline::prober::ProbeFamilies,
     // The sidecar itself.
     self_process: Arc<Mutex<Option<SelfProcess>>>,
 }
@@ -230,7 +232,8 @@ impl Metrics {
         pipeline.register(&mut r);
         let collector = crate::collector::CollectorFamilies::new(&mut r);
         let profile = crate::profile::ProfileFamilies::new(&mut r);
-        let m = Metrics { job, worker, http, cpu, memory, gpu, pipeline, collector, profile, self_process: Arc::default(), registry: Registry::default() };
+        let probe = crate::pipeline::prober::ProbeFamilies::new(&mut r);
+        let m = Metrics { job, worker, http, cpu, memory, gpu, pipeline, collector, profile, probe, self_process: Arc::default(), registry: Registry::default() };
         r.register(
             "musetalk_sidecar_build",
             "Build information of the sidecar.",

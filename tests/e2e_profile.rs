@@ -11,6 +11,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::prometheus::sample as metric;
 use common::media::file_part;
 use common::otlp::OtlpReceiver;
 use common::service::{Service, ServiceBuilder, json};
@@ -71,9 +72,6 @@ fn leader(report: &Value, stage: &str) -> (String, f64) {
     (f["function"].as_str().unwrap_or_default().to_string(), f["percent"].as_f64().unwrap_or(0.0))
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simple_job_is_profiled_under_py_spy_stage_by_stage() {

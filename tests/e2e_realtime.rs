@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::media::file_part as part;
+use common::prometheus::sample as metric;
 use common::otlp::{OtlpReceiver, ReceivedSpan};
 use common::service::{Service, ServiceBuilder};
 use reqwest::StatusCode;
@@ -54,10 +55,6 @@ async fn wait_avatar(svc: &Service, id: &str) -> Value {
         assert!(Instant::now() < deadline, "avatar {id} still preparing; logs:\n{}", svc.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 async fn metrics(svc: &Service) -> String {

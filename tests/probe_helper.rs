@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::media::{media, real_world};
+use common::prometheus::sample;
 use common::service::{ServiceBuilder, json};
 use musetalk_sidecar::pipeline::media::{self, MediaInfo, ProbeError};
 use musetalk_sidecar::pipeline::prober::Prober;
@@ -80,6 +81,11 @@ fn broken(dir: &Path) -> Vec<(String, PathBuf)> {
     put("empty.mp4", Vec::new());
     put("riff-lie.wav", b"RIFF but not really".to_vec());
     put("m3u8-to-elsewhere.m3u8", b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n".to_vec());
+    // A playlist of another job's upload (a local file with a media extension).
+    let other = media().video.display().to_string();
+    put("m3u8-to-another-upload.m3u8", format!("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{other}\n#EXT-X-ENDLIST\n").into_bytes());
+    put("ffconcat-to-another-upload.txt", format!("ffconcat version 1.0\nfile '{other}'\n").into_bytes());
+    put("m3u8-over-http.m3u8", b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:9/x.ts\n#EXT-X-ENDLIST\n".to_vec());
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/multipart_raw");
     for entry in std::fs::read_dir(&fuzz).unwrap().flatten() {
         for (i, part) in file_parts(&std::fs::read(entry.path()).unwrap()).into_iter().enumerate() {
@@ -106,7 +112,7 @@ async fn the_helper_says_what_ffprobe_says_about_every_file() {
         let (a, b) = (facts(&ffprobe, path).await, facts(&helper, path).await);
         for (i, (a, b)) in a.iter().zip(&b).enumerate() {
             // Where ffprobe exits 1 saying nothing, the helper says which decoder failed.
-            let same = a == b || (a.ends_with("ffprobe failed") && b.starts_with("not a readable media file"));
+            let same = a == b || (a.ends_with("ffprobe failed") && b.contains("Could not open codec for input stream"));
             if a != b {
                 eprintln!("{name}: ffprobe `{a}`, helper `{b}`");
             }
@@ -119,6 +125,14 @@ async fn the_helper_says_what_ffprobe_says_about_every_file() {
     eprintln!("{} files, {accepted} answers accepted, {refused} refused, {} differ", files.len(), differ.len());
     assert!(differ.is_empty(), "{} of {} answers differ:\n{}", differ.len(), files.len() * 3, differ.join("\n"));
     assert!(accepted >= 20 && refused >= 20, "both verdicts were tested: {accepted} accepted, {refused} refused");
+    // Lists of other files are refused (ffconcat refuses absolute paths by itself).
+    for (list, says) in [("m3u8-to-another-upload.m3u8", "refers to other files"), ("ffconcat-to-another-upload.txt", "Unsafe file name")] {
+        let path = dir.path().join(list);
+        match media::probe_decoding(&helper, &path, true).await {
+            Err(ProbeError::Unreadable(why)) => assert!(why.contains(says), "{list}: {why}"),
+            other => panic!("{list} was taken as media: {other:?}"),
+        }
+    }
 }
 
 /// A helper that is the real one, except on a file that begins with `ABORT-MARKER` (it
@@ -129,7 +143,8 @@ fn misbehaving_helper(dir: &Path) -> PathBuf {
         &script,
         format!(
             r#"#!/usr/bin/env python3
-import json, os, subprocess, sys, time
+import json, os, resource, subprocess, sys, time
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort ends at once, however cores are collected
 real = subprocess.Popen([{HELPER:?}], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 sys.stdout.write(real.stdout.readline()); sys.stdout.flush()
 for line in sys.stdin:
@@ -198,6 +213,17 @@ async fn a_helper_that_cannot_start_leaves_the_probing_to_ffprobe() {
         let why = prober.describe().await.unwrap_err();
         assert!(why.contains("ffprobe runs once per file"), "{why}");
     }
+    // One that starts but dies on every file (an FFmpeg it was not built for): files ffprobe
+    // reads are not refused for it, and after three such deaths helpers are set aside.
+    let dies = dir.path().join("helper-that-dies-on-everything");
+    std::fs::write(&dies, "#!/bin/sh\necho '{\"protocol\":1,\"ffmpeg\":\"libavformat 0.0.0\"}'\nread -r line\nkill -SEGV $$\n").unwrap();
+    std::fs::set_permissions(&dies, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prober = Prober::helper(&dies, Path::new("ffprobe"), Duration::from_secs(30));
+    for _ in 0..4 {
+        assert!(media::probe_decoding(&prober, &media().video, true).await.unwrap().has_video);
+    }
+    let why = prober.describe().await.unwrap_err();
+    assert!(why.contains("3 probe helpers in a row died on files ffprobe reads"), "{why}");
 }
 
 /// Through the real binary: the crafted upload gets a 400 naming the part, the service
@@ -221,6 +247,11 @@ async fn the_service_refuses_a_file_that_crashes_its_helper_and_serves_the_next(
         assert_eq!(body["state"], "succeeded", "{body}");
     }
     assert!(svc.try_exit_status().is_none(), "the service is up");
+    let metrics = svc.metrics_text().await;
+    let count = |result: &str| sample(&metrics, &format!(r#"musetalk_media_probes_total{{via="helper",result="{result}"}}"#)).unwrap_or(-1.0);
+    assert_eq!((count("crashed"), count("timeout")), (1.0, 1.0), "{metrics}");
+    assert!(count("ok") >= 6.0, "two jobs' uploads and outputs: {metrics}");
+    assert_eq!(sample(&metrics, r#"musetalk_media_probes_total{via="ffprobe",result="ok"}"#), Some(0.0), "no probe fell back to ffprobe");
     assert!(svc.logs().contains("the probe helper died reading a file"), "the crash is in the log");
     let jobs = std::fs::read_dir(svc.data_dir().join("jobs")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(jobs, 2, "the refused uploads left nothing behind");

@@ -15,6 +15,7 @@
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::io::{BufRead, Write};
+use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -91,9 +92,19 @@ fn main() {
         ffi::av_log_set_level(ffi::AV_LOG_ERROR);
         ffi::av_log_set_callback(Some(capture));
     }
+    // The protocol gets its own descriptor and fd 1 becomes stderr: whatever a library
+    // prints can never be read as an answer.
+    // SAFETY: dup/dup2 on the process's own standard descriptors, before any other thread.
+    let proto = unsafe {
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            std::process::exit(1);
+        }
+        std::fs::File::from_raw_fd(fd)
+    };
+    let mut out = std::io::BufWriter::new(proto);
     let v = ff::format::version();
     let ready = Ready { protocol: PROTOCOL, ffmpeg: format!("libavformat {}.{}.{}", v >> 16, (v >> 8) & 0xff, v & 0xff) };
-    let mut out = std::io::stdout().lock();
     if writeln!(out, "{}", serde_json::to_string(&ready).expect("serializes")).and_then(|_| out.flush()).is_err() {
         return;
     }
@@ -101,7 +112,10 @@ fn main() {
         let Ok(line) = line else { return };
         take_log();
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => std::panic::catch_unwind(|| answer(&req.path, req.query)).unwrap_or_else(|_| Reply { ok: false, errors: "the probe helper failed on this file (a panic)\n".into(), ..Reply::default() }),
+            Ok(req) => {
+                let r = std::panic::catch_unwind(|| answer(&req.path, req.query)).unwrap_or_else(|_| Reply { ok: false, errors: "the probe helper failed on this file (a panic)\n".into(), ..Reply::default() });
+                Reply { id: req.id, ..r }
+            }
             Err(e) => Reply { ok: false, errors: format!("not a request: {e}\n"), ..Reply::default() },
         };
         if writeln!(out, "{}", serde_json::to_string(&reply).expect("serializes")).and_then(|_| out.flush()).is_err() {
@@ -193,7 +207,8 @@ fn answer(path: &Path, query: Query) -> Reply {
             span = span_of(packets);
         }
     }
-    let streams = ictx.streams().filter(|st| selected[st.index()]).map(|st| stream_facts(&st)).collect();
+    // Streams that appeared while reading were not selected (ffprobe's sizes them in unselected).
+    let streams = ictx.streams().filter(|st| selected.get(st.index()).copied().unwrap_or(false)).map(|st| stream_facts(&st)).collect();
     let format = ProbeFormat {
         format_name: Some(ictx.format().name().to_string()),
         // SAFETY: a field read of the open context.
@@ -201,7 +216,7 @@ fn answer(path: &Path, query: Query) -> Reply {
     };
     drop(decoders);
     drop(ictx);
-    Reply { ok: true, probe: Probe { streams, format: Some(format), frames: Vec::new() }, decoded, span, errors: take_log() }
+    Reply { id: 0, ok: true, probe: Probe { streams, format: Some(format), frames: Vec::new() }, decoded, span, errors: take_log() }
 }
 
 /// ffprobe's read_interval_packets: the selected streams' packets over `interval`, each
@@ -236,7 +251,7 @@ fn read(ictx: &mut ff::format::context::Input, selected: &[bool], time_bases: &[
             Interval::Packets(_) => {}
             Interval::Span(s) => {
                 if let (Some(st), None) = (start, end) {
-                    end = Some(st + s);
+                    end = Some(st.saturating_add(s));
                 }
                 if end.is_some_and(|e| cur_ts != ffi::AV_NOPTS_VALUE && cur_ts >= e) {
                     break;
@@ -258,7 +273,7 @@ fn read(ictx: &mut ff::format::context::Input, selected: &[bool], time_bases: &[
     if let Some(decs) = decoders {
         for (i, dec) in decs.iter_mut().enumerate() {
             if let Some(dec) = dec
-                && selected[i]
+                && selected.get(i).copied().unwrap_or(false)
                 && dec.send_eof().is_ok()
             {
                 while dec.receive_frame(&mut frame).is_ok() {

@@ -425,7 +425,7 @@ impl JobManager {
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
         let avatars = avatars::AvatarStore::new(realtime.name());
         let profiler = crate::profile::Profiler::new(&config);
-        let prober = crate::pipeline::prober::Prober::new(&config);
+        let prober = crate::pipeline::prober::Prober::new(&config).counted(metrics.probe.clone());
         let m = Arc::new(JobManager {
             profiler,
             prober,

@@ -234,6 +234,9 @@ pub fn reason(stderr: &[u8], fallback: &str) -> String {
     messages[messages.len().saturating_sub(3)..].join("; ")
 }
 
+/// Demuxers whose input names other files (playlists, edit lists, compositions).
+const REFERENCING: &[&str] = &["hls", "concat", "dash", "imf"];
+
 /// Probes an upload and decodes the start of the stream a job will use: the first
 /// video stream's first 10 packets, or the first audio stream's first 2 s. Headers
 /// alone can lie: a file ffprobe reads may not decode, and the job would then fail
@@ -242,6 +245,11 @@ pub async fn probe_decoding(prober: &Prober, path: &Path, video: bool) -> Result
     let size = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
     let answer = prober.ask(Query::Decode { video }, path).await?;
     let mut info = interpret(answer.probe, size);
+    // A playlist or composition is a list of other files: an upload must be media itself
+    // (a local m3u8 would otherwise hand the pipeline another job's upload).
+    if REFERENCING.contains(&info.format.as_str()) {
+        return Err(ProbeError::Unreadable(format!("a `{}` file refers to other files; upload the media itself", info.format)));
+    }
     // Without the stream the caller's "has no video/audio stream" is the clearer error.
     if (video && info.has_video) || (!video && info.has_audio) {
         if !answer.errors.trim().is_empty() {

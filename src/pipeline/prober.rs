@@ -12,10 +12,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -23,6 +28,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 
 use super::media::{self, Probe, ProbeError};
 use crate::config::Config;
+use crate::metrics::registered;
 
 /// The helper protocol's version, said in its `ready` line (docs/probe-helper.md).
 pub const PROTOCOL: u32 = 1;
@@ -34,6 +40,14 @@ const POOL: usize = 4;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// No reply line is longer (replies are a few hundred bytes).
 const MAX_LINE: usize = 1 << 20;
+/// How long a probe waits for a free helper before asking ffprobe instead (four files
+/// hanging their helpers must not stall every other upload for `--probe-timeout`).
+const PERMIT_WAIT: Duration = Duration::from_secs(1);
+/// After a helper could not start, helpers are tried again this much later.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Helpers that died on files ffprobe reads fine, in a row, before helpers are given up:
+/// the helper is what is broken here (an FFmpeg it was not built for), not the files.
+const INNOCENT_CRASHES: u32 = 3;
 
 /// What to learn about a file, as the ffprobe invocations that answer it today.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +75,8 @@ impl Query {
 /// One line to the helper.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
+    /// Echoed in the reply: a stray line can never pass for another request's answer.
+    pub id: u64,
     pub path: PathBuf,
     #[serde(flatten)]
     pub query: Query,
@@ -77,6 +93,9 @@ pub struct Ready {
 /// The helper's answer to one [`Request`] (`ok: false` is ffprobe exiting non-zero).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Reply {
+    /// The request's `id`.
+    #[serde(default)]
+    pub id: u64,
     pub ok: bool,
     #[serde(default)]
     pub probe: Probe,
@@ -113,12 +132,52 @@ impl Reply {
 /// What ffprobe is asked to show (and what the helper fills in).
 pub const ENTRIES: &str = "format=format_name,duration:stream=codec_type,codec_name,width,height,avg_frame_rate,r_frame_rate,nb_frames,duration:stream_side_data=rotation";
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    via: &'static str,
+    result: &'static str,
+}
+
+/// The prober's metric family, defined and registered here alone.
+#[derive(Clone, Debug)]
+pub struct ProbeFamilies {
+    pub probes: Family<ProbeLabels, Counter>,
+}
+
+impl ProbeFamilies {
+    const VIA: [&'static str; 2] = ["helper", "ffprobe"];
+    const RESULTS: [&'static str; 5] = ["ok", "unreadable", "crashed", "timeout", "error"];
+
+    pub fn new(r: &mut Registry) -> Self {
+        let f = ProbeFamilies { probes: registered(r, "musetalk_media_probes", "Media probe queries (uploads, outputs) by what answered them and how they ended.", None, Family::default()) };
+        // Every series at 0: "no helper crashed" reads 0, not no data.
+        for via in Self::VIA {
+            for result in Self::RESULTS {
+                let _ = f.probes.get_or_create(&ProbeLabels { via, result });
+            }
+        }
+        f
+    }
+
+    fn count(&self, via: &'static str, r: &Result<Answer, ProbeError>) {
+        let result = match r {
+            Ok(_) => "ok",
+            Err(ProbeError::Unreadable(_) | ProbeError::Undecodable(_)) => "unreadable",
+            Err(ProbeError::Crashed(_)) => "crashed",
+            Err(ProbeError::Timeout(_)) => "timeout",
+            Err(ProbeError::Spawn(_)) => "error",
+        };
+        self.probes.get_or_create(&ProbeLabels { via, result }).inc();
+    }
+}
+
 /// Answers [`Query`]s about files. Cheap to clone (the helper pool is shared).
 #[derive(Clone)]
 pub struct Prober {
     ffprobe: PathBuf,
     limit: Duration,
     helpers: Option<Arc<Pool>>,
+    families: Option<ProbeFamilies>,
 }
 
 impl Prober {
@@ -130,25 +189,30 @@ impl Prober {
             "auto" => std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(HELPER_NAME))).filter(|p| p.is_file()),
             path => Some(PathBuf::from(path)),
         };
-        Prober { ffprobe: config.ffprobe.clone(), limit: config.probe_timeout, helpers: program.map(Pool::new) }
+        Prober { ffprobe: config.ffprobe.clone(), limit: config.probe_timeout, helpers: program.map(Pool::new), families: None }
+    }
+
+    /// Counts every query in `families` (`musetalk_media_probes_total`).
+    pub fn counted(self, families: ProbeFamilies) -> Prober {
+        Prober { families: Some(families), ..self }
     }
 
     /// ffprobe once per file, each bounded by `limit`.
     pub fn ffprobe(ffprobe: &Path, limit: Duration) -> Prober {
-        Prober { ffprobe: ffprobe.to_path_buf(), limit, helpers: None }
+        Prober { ffprobe: ffprobe.to_path_buf(), limit, helpers: None, families: None }
     }
 
     /// Persistent helpers running `program`, ffprobe where they cannot start.
     pub fn helper(program: &Path, ffprobe: &Path, limit: Duration) -> Prober {
-        Prober { ffprobe: ffprobe.to_path_buf(), limit, helpers: Some(Pool::new(program.to_path_buf())) }
+        Prober { ffprobe: ffprobe.to_path_buf(), limit, helpers: Some(Pool::new(program.to_path_buf())), families: None }
     }
 
     /// How files are probed now: `Ok` the helper and its FFmpeg, or `Err` why ffprobe
     /// runs per file instead (`check`, and the log at start). Starts a helper to know.
     pub async fn describe(&self) -> Result<String, String> {
         let Some(pool) = &self.helpers else { return Err(format!("no {HELPER_NAME} (next to this binary, or --probe-helper): ffprobe runs once per file")) };
-        if let Some(why) = pool.unusable.get() {
-            return Err(why.clone());
+        if let Some(why) = pool.unusable() {
+            return Err(why);
         }
         match Helper::start(&pool.program).await {
             Ok((helper, ready)) => {
@@ -161,17 +225,40 @@ impl Prober {
 
     /// Answers `query` about `path`, within `--probe-timeout`.
     pub async fn ask(&self, query: Query, path: &Path) -> Result<Answer, ProbeError> {
-        if let Some(pool) = self.helpers.as_ref().filter(|p| p.unusable.get().is_none()) {
-            let req = Request { path: path.to_path_buf(), query };
-            if let Some(answer) = pool.ask(&req, self.limit).await {
+        if let Some(pool) = self.helpers.as_ref().filter(|p| p.unusable().is_none()) {
+            let req = Request { id: pool.next_id.fetch_add(1, Ordering::Relaxed), path: path.to_path_buf(), query };
+            if let Some(mut answer) = pool.ask(&req, self.limit).await {
+                // A crash is the file's doing only if ffprobe cannot read it either.
+                if matches!(answer, Err(ProbeError::Crashed(_))) {
+                    match self.ffprobe_ask(query, path).await {
+                        Ok(fine) => {
+                            if pool.innocent_crashes.fetch_add(1, Ordering::Relaxed) + 1 >= INNOCENT_CRASHES {
+                                pool.give_up(format!("{INNOCENT_CRASHES} probe helpers in a row died on files ffprobe reads"));
+                            }
+                            answer = Ok(fine);
+                        }
+                        Err(ProbeError::Spawn(_)) => {}
+                        Err(_) => pool.innocent_crashes.store(0, Ordering::Relaxed),
+                    }
+                } else if answer.is_ok() {
+                    pool.innocent_crashes.store(0, Ordering::Relaxed);
+                }
+                if let Some(f) = &self.families {
+                    f.count("helper", &answer);
+                }
                 return answer;
             }
         }
-        self.ffprobe_ask(query, path).await
+        let answer = self.ffprobe_ask(query, path).await;
+        if let Some(f) = &self.families {
+            f.count("ffprobe", &answer);
+        }
+        answer
     }
 
     async fn ffprobe_ask(&self, query: Query, path: &Path) -> Result<Answer, ProbeError> {
-        let mut args = vec!["-v", "error"];
+        // Local files only, as the helper opens them: a playlist in an upload fetches nothing.
+        let mut args = vec!["-v", "error", "-protocol_whitelist", "file"];
         if let Some(stream) = query.stream() {
             args.extend(["-select_streams", stream]);
         }
@@ -200,13 +287,29 @@ struct Pool {
     program: PathBuf,
     idle: Mutex<Vec<Helper>>,
     permits: tokio::sync::Semaphore,
-    /// Set once a helper could not start: why (ffprobe answers from then on).
-    unusable: OnceLock<String>,
+    /// Why helpers are not used now, and until when (ffprobe answers meanwhile).
+    off: Mutex<Option<(Instant, String)>>,
+    next_id: AtomicU64,
+    innocent_crashes: AtomicU32,
 }
 
 impl Pool {
     fn new(program: PathBuf) -> Arc<Pool> {
-        Arc::new(Pool { program, idle: Mutex::default(), permits: tokio::sync::Semaphore::new(POOL), unusable: OnceLock::new() })
+        Arc::new(Pool { program, idle: Mutex::default(), permits: tokio::sync::Semaphore::new(POOL), off: Mutex::default(), next_id: AtomicU64::new(1), innocent_crashes: AtomicU32::new(0) })
+    }
+
+    /// Why helpers are off now (`None`: try them).
+    fn unusable(&self) -> Option<String> {
+        let mut off = self.off.lock().unwrap_or_else(|e| e.into_inner());
+        match &*off {
+            Some((until, why)) if Instant::now() < *until => Some(why.clone()),
+            Some(_) => {
+                *off = None;
+                self.innocent_crashes.store(0, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
     }
 
     fn put(&self, helper: Helper) {
@@ -224,58 +327,76 @@ impl Pool {
         None
     }
 
+    /// Helpers off for [`RETRY_AFTER`] (a start can fail for a passing reason: EMFILE, load).
     fn give_up(&self, why: String) -> String {
-        let why = format!("{why}: ffprobe runs once per file instead");
-        if self.unusable.set(why.clone()).is_ok() {
+        let why = format!("{why}: ffprobe runs once per file instead (helpers are tried again in {} s)", RETRY_AFTER.as_secs());
+        let mut off = self.off.lock().unwrap_or_else(|e| e.into_inner());
+        if off.is_none() {
             tracing::warn!(helper = %self.program.display(), "{why}");
         }
+        *off = Some((Instant::now() + RETRY_AFTER, why.clone()));
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         why
     }
 
-    /// `None`: no helper could start (the caller asks ffprobe).
+    /// `None`: no helper could take it (the caller asks ffprobe).
     async fn ask(&self, req: &Request, limit: Duration) -> Option<Result<Answer, ProbeError>> {
-        let _permit = self.permits.acquire().await.ok()?;
-        let mut line = serde_json::to_string(req).expect("a request serializes");
+        let _permit = tokio::time::timeout(PERMIT_WAIT, self.permits.acquire()).await.ok()?.ok()?;
+        // A path that is not UTF-8 has no JSON spelling: ffprobe takes it.
+        let mut line = serde_json::to_string(req).ok()?;
         line.push('\n');
         // A helper that died while idle (OOM killer, a signal) shows as a failed write:
-        // that is not this file's doing, so a fresh helper gets it.
-        for _ in 0..2 {
-            let mut helper = match self.take() {
-                Some(h) => h,
-                None => match Helper::start(&self.program).await {
-                    Ok((h, _)) => h,
-                    Err(why) => {
-                        self.give_up(why);
-                        return None;
-                    }
-                },
-            };
-            if helper.stdin.write_all(line.as_bytes()).await.is_err() || helper.stdin.flush().await.is_err() {
-                continue;
+        // that is not this file's doing, so a freshly started helper gets it.
+        let mut helper = match self.take() {
+            Some(h) => h,
+            None => self.start().await?,
+        };
+        if helper.send(&line).await.is_err() {
+            helper = self.start().await?;
+            if helper.send(&line).await.is_err() {
+                self.give_up("a probe helper exits as soon as it is given work".into());
+                return None;
             }
-            return Some(match tokio::time::timeout(limit, helper.lines.next()).await {
-                Ok(Some(Ok(reply))) => match serde_json::from_str::<Reply>(&reply) {
-                    Ok(reply) => {
-                        self.put(helper);
-                        reply.into_answer()
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %req.path.display(), "the probe helper answered garbage ({e}); restarting it");
-                        Err(ProbeError::Crashed(format!("an unreadable answer: {e}")))
-                    }
-                },
-                Ok(_) => {
-                    let status = helper.ended().await;
-                    tracing::warn!(path = %req.path.display(), "the probe helper died reading a file ({status}); the file is refused, the next probe starts a new helper");
-                    Err(ProbeError::Crashed(status))
-                }
-                Err(_) => {
-                    tracing::warn!(path = %req.path.display(), "the probe helper took longer than {limit:?} on a file; killed, the file is refused");
-                    Err(ProbeError::Timeout(limit))
-                }
-            });
         }
-        Some(Err(ProbeError::Crashed("the probe helper exits as soon as it is given work".into())))
+        Some(match tokio::time::timeout(limit, helper.lines.next()).await {
+            Ok(Some(Ok(reply))) => match serde_json::from_str::<Reply>(&reply) {
+                Ok(reply) if reply.id == req.id => {
+                    self.put(helper);
+                    reply.into_answer()
+                }
+                Ok(reply) => {
+                    tracing::warn!(path = %req.path.display(), "the probe helper answered request {} to request {}; restarting it", reply.id, req.id);
+                    Err(ProbeError::Crashed(format!("an answer to another request ({})", reply.id)))
+                }
+                Err(e) => {
+                    tracing::warn!(path = %req.path.display(), "the probe helper answered garbage ({e}); restarting it");
+                    Err(ProbeError::Crashed(format!("an unreadable answer: {e}")))
+                }
+            },
+            Ok(Some(Err(e))) => {
+                tracing::warn!(path = %req.path.display(), "the probe helper's answer is unreadable ({e}); restarting it");
+                Err(ProbeError::Crashed(format!("an unreadable answer: {e}")))
+            }
+            Ok(None) => {
+                let status = helper.ended().await;
+                tracing::warn!(path = %req.path.display(), "the probe helper died reading a file ({status}); the next probe starts a new helper");
+                Err(ProbeError::Crashed(status))
+            }
+            Err(_) => {
+                tracing::warn!(path = %req.path.display(), "the probe helper took longer than {limit:?} on a file; killed, the file is refused");
+                Err(ProbeError::Timeout(limit))
+            }
+        })
+    }
+
+    async fn start(&self) -> Option<Helper> {
+        match Helper::start(&self.program).await {
+            Ok((h, _)) => Some(h),
+            Err(why) => {
+                self.give_up(why);
+                None
+            }
+        }
     }
 }
 
@@ -287,6 +408,11 @@ struct Helper {
 }
 
 impl Helper {
+    async fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.flush().await
+    }
+
     /// Starts `program` and waits for its `ready` line.
     async fn start(program: &Path) -> Result<(Helper, Ready), String> {
         let prog = program.display().to_string();
@@ -341,9 +467,9 @@ mod tests {
 
     #[test]
     fn requests_and_replies_keep_their_shape() {
-        let req = Request { path: "/d/v.mp4".into(), query: Query::Decode { video: true } };
-        assert_eq!(serde_json::to_string(&req).unwrap(), r#"{"path":"/d/v.mp4","query":"decode","video":true}"#);
-        let back: Request = serde_json::from_str(r#"{"path":"/x","query":"headers"}"#).unwrap();
+        let req = Request { id: 7, path: "/d/v.mp4".into(), query: Query::Decode { video: true } };
+        assert_eq!(serde_json::to_string(&req).unwrap(), r#"{"id":7,"path":"/d/v.mp4","query":"decode","video":true}"#);
+        let back: Request = serde_json::from_str(r#"{"id":1,"path":"/x","query":"headers"}"#).unwrap();
         assert_eq!(back.query, Query::Headers);
         let r: Reply = serde_json::from_str(r#"{"ok":false,"errors":"[mov,mp4 @ 0x1] moov atom not found\nfile:/x: Invalid data found when processing input\n"}"#).unwrap();
         match r.into_answer() {

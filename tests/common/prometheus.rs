@@ -283,3 +283,8 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// The value of one series (`name{labels}` exactly as exposed) in a `/metrics` text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
