@@ -81,6 +81,18 @@ pub struct Config {
     #[arg(long, env = "MUSETALK_SIDECAR_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// This replica's name behind a routing proxy (docs/cluster.md): job ids become
+    /// `{name}-{32 hex}`, so the proxy sends every follow-up to the replica that owns the
+    /// job. A DNS label (a Kubernetes pod name fits). Unset: one instance, plain ids.
+    #[arg(long, env = "MUSETALK_SIDECAR_INSTANCE_NAME")]
+    pub instance_name: Option<String>,
+
+    /// Storage every replica shares (a ReadWriteMany volume): avatars live in
+    /// `{shared-dir}/avatars`, so any replica speaks for any avatar, and a replacement
+    /// serves the avatars of the one it replaced. Unset: `{data-dir}/avatars`.
+    #[arg(long, env = "MUSETALK_SIDECAR_SHARED_DIR")]
+    pub shared_dir: Option<PathBuf>,
+
     /// Pipeline that runs the jobs.
     #[arg(long, env = "MUSETALK_SIDECAR_BACKEND", value_enum, default_value = "preview")]
     pub backend: BackendKind,
@@ -306,6 +318,13 @@ impl Config {
         if self.max_concurrent_jobs == 0 {
             return invalid("max-concurrent-jobs", "must be at least 1");
         }
+        if let Some(name) = &self.instance_name {
+            let label = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+            let b = name.as_bytes();
+            if b.is_empty() || b.len() > 63 || !b.iter().all(|&c| label(c) || c == b'-') || !label(b[0]) || !label(b[b.len() - 1]) {
+                return invalid("instance-name", "must be a DNS label: 1–63 of a–z, 0–9 and `-`, starting and ending with a letter or digit");
+            }
+        }
         if self.sample_interval < Duration::from_millis(50) {
             return invalid("sample-interval", "must be at least 50ms (CPU usage needs a measurable gap)");
         }
@@ -392,6 +411,7 @@ impl Config {
         let program = |p: &str| if p.contains('/') { abs(Path::new(p)).display().to_string() } else { p.to_string() };
         self.config = self.config.as_deref().map(abs);
         self.data_dir = abs(&self.data_dir);
+        self.shared_dir = self.shared_dir.as_deref().map(abs);
         self.musetalk_dir = self.musetalk_dir.as_deref().map(abs);
         self.musetalk_python = program(&self.musetalk_python);
         self.musetalk_worker_script = abs(&self.musetalk_worker_script);
@@ -462,7 +482,7 @@ impl Config {
 
     /// `data/avatars/{id}/`: source video, the engine's material, `avatar.json`.
     pub fn avatars_dir(&self) -> PathBuf {
-        self.data_dir.join("avatars")
+        self.shared_dir.as_deref().unwrap_or(&self.data_dir).join("avatars")
     }
 
     /// A path under the MuseTalk dir, unless already absolute.

@@ -19,7 +19,7 @@ impl From<AvatarError> for ApiError {
             AvatarError::NotFound(_) => return ApiError::not_found("avatar_not_found", e.to_string()),
             AvatarError::Preparing(_) => "avatar_preparing",
             AvatarError::Failed { .. } => "avatar_failed",
-            AvatarError::Busy { .. } => "avatar_busy",
+            AvatarError::Busy { .. } | AvatarError::BusyElsewhere(_) => "avatar_busy",
         };
         ApiError::new(StatusCode::CONFLICT, code, e.to_string())
     }

@@ -208,7 +208,17 @@ pub(super) fn prefers_async(headers: &HeaderMap) -> bool {
 }
 
 fn find(st: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
-    st.jobs.get(id).ok_or_else(|| ApiError::not_found("job_not_found", format!("no job `{id}` (finished jobs are kept for --job-retention)")))
+    if let Some(job) = st.jobs.get(id) {
+        return Ok(job);
+    }
+    if st.jobs.was_lost(id) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "job_lost",
+            format!("job `{id}` belonged to an earlier run of this instance, which stopped (a crash or a restart) with it; its files are gone: submit it again"),
+        ));
+    }
+    Err(ApiError::not_found("job_not_found", format!("no job `{id}` (finished jobs are kept for --job-retention)")))
 }
 
 /// Lists every job still kept, newest first.
@@ -231,6 +241,7 @@ pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::JobStatus
     responses(
         (status = 200, description = "The job's status", body = crate::jobs::JobStatus),
         (status = 404, description = "`job_not_found`: unknown job, or no longer kept (`--job-retention`)", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
     )
 )]
 pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
@@ -252,6 +263,7 @@ pub async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
             (String = "text/plain"),
         )),
         (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
         (status = 409, description = "`job_not_finished`: the report is ready when the job ends", body = crate::http::ErrorBody),
     )
 )]
@@ -288,6 +300,7 @@ pub struct ProfileQuery {
         )),
         (status = 400, description = "`invalid_format`: not `speedscope`, `svg` or `collapsed`", body = crate::http::ErrorBody),
         (status = 404, description = "`job_not_found`, or `profile_not_found` with the reason (not asked for, unavailable on this host, py-spy failed)", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
         (status = 409, description = "`job_not_finished`: the profile is ready when the job ends", body = crate::http::ErrorBody),
     )
 )]
@@ -328,6 +341,7 @@ pub async fn profile(State(st): State<AppState>, UrlPath(id): UrlPath<String>, a
             headers(("Content-Range" = String, description = "`bytes START-END/TOTAL`"), ("Content-Length" = u64))),
         (status = 304, description = "Not modified (`If-Modified-Since`)"),
         (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
         (status = 409, description = "`no_output`: the job has not succeeded (yet)", body = crate::http::ErrorBody),
         (status = 410, description = "`output_gone`: the output file was removed", body = crate::http::ErrorBody),
         (status = 416, description = "The range is not satisfiable (empty body, `Content-Range: bytes */TOTAL`)",
@@ -360,6 +374,7 @@ fn mime_mp4() -> mime::Mime {
     responses(
         (status = 200, description = "The job was cancelled", body = CancelResponse),
         (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
         (status = 409, description = "`job_finished`: the job had already ended", body = crate::http::ErrorBody),
     )
 )]
@@ -385,6 +400,7 @@ pub async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) ->
     responses(
         (status = 200, description = "`text/event-stream`: `event: status` with a `JobStatus` as data, then events whose data is a `JobEvent` (`type` = event name), ending with `done`", body = String, content_type = "text/event-stream"),
         (status = 404, description = "`job_not_found`", body = crate::http::ErrorBody),
+        (status = 410, description = "`job_lost`: the job belonged to an earlier run of this instance (a crash or restart took it)", body = crate::http::ErrorBody),
     )
 )]
 pub async fn events(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {

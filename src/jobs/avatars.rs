@@ -3,15 +3,27 @@
 //! Preparing an avatar costs minutes on a GPU, so avatars outlive the process: each
 //! one's `avatar.json` manifest is rewritten on every state change, and a restarted
 //! service serves the ready ones again (the engines read their material from disk).
+//!
+//! With `--shared-dir` several instances share the avatars' root
+//! ([`AvatarStore::shared`]): the manifests on disk are the truth, each instance's map a
+//! cache checked against them on every use, and `flock` locks in `.locks/` keep two
+//! instances from preparing, deleting or cleaning up the same avatar at once — held
+//! exclusively while one prepares or deletes it, shared while one speaks. A `flock` dies
+//! with its process, so a crashed instance never leaves an avatar locked.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::MediaInfo;
+
+/// A cross-instance lock on one avatar (shared storage only).
+type AvatarLock = Flock<File>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +55,8 @@ pub struct Avatar {
     /// Loaded from its manifest at start: the preparation job belonged to an earlier run.
     pub restored: bool,
     state: Mutex<(AvatarState, Option<String>)>,
+    /// The exclusive lock held while this instance prepares it (shared storage only).
+    hold: Mutex<Option<AvatarLock>>,
 }
 
 /// The file in an avatar's dir that lets a restarted service serve it again.
@@ -125,6 +139,10 @@ impl Avatar {
         if let Err(e) = self.persist() {
             tracing::warn!(avatar = %self.id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
         }
+        // Prepared (or failed): other instances may speak for it or delete it now.
+        if s != AvatarState::Preparing {
+            self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 
     /// Writes `avatar.json` whole or not at all (temporary file, then rename).
@@ -178,13 +196,16 @@ pub enum AvatarError {
     Failed { id: String, why: String },
     #[error("avatar `{id}` is in use by {speaks} speak(s) queued or running; DELETE it once they have finished")]
     Busy { id: String, speaks: usize },
+    /// Another instance sharing the avatars prepares, deletes or speaks for it now.
+    #[error("avatar `{0}` is being prepared, deleted or spoken for by another instance; retry shortly")]
+    BusyElsewhere(String),
 }
 
 /// A speak's hold on its avatar, from before its upload is read until the job ends:
 /// while any exists the avatar cannot be deleted (so its files cannot vanish under a
 /// running job, and a re-created avatar is never read by a job accepted for the old one).
 #[derive(Debug)]
-pub struct AvatarLease(Arc<Avatar>);
+pub struct AvatarLease(Arc<Avatar>, #[allow(dead_code)] Option<AvatarLock>);
 
 impl std::ops::Deref for AvatarLease {
     type Target = Arc<Avatar>;
@@ -204,6 +225,8 @@ impl Drop for AvatarLease {
 pub struct Reservation<'a> {
     store: &'a AvatarStore,
     id: String,
+    /// Shared storage: the exclusive lock, handed to the avatar it becomes.
+    lock: Option<AvatarLock>,
 }
 
 impl Reservation<'_> {
@@ -225,6 +248,17 @@ pub struct AvatarStore {
     engine: String,
     map: Mutex<HashMap<String, Arc<Avatar>>>,
     reserved: Mutex<std::collections::HashSet<String>>,
+    /// Shared storage: the avatars' root, which other instances write too.
+    shared: Option<PathBuf>,
+}
+
+/// What one avatar dir holds, read from its manifest.
+enum Found {
+    Avatar(Arc<Avatar>),
+    /// No readable manifest: why.
+    Unreadable(String),
+    /// A manifest naming another avatar: left alone.
+    Foreign(String),
 }
 
 /// What [`AvatarStore::restore`] found under `data/avatars`.
@@ -242,27 +276,132 @@ pub struct Restored {
 
 impl AvatarStore {
     pub fn new(engine: &str) -> AvatarStore {
-        AvatarStore { engine: engine.to_string(), map: Mutex::default(), reserved: Mutex::default() }
+        AvatarStore { engine: engine.to_string(), map: Mutex::default(), reserved: Mutex::default(), shared: None }
     }
 
-    /// Loads the avatars an earlier run left under `root` (`data/avatars`).
+    /// A store on storage other instances share (`--shared-dir`): see the module's text.
+    pub fn shared(engine: &str, root: PathBuf) -> AvatarStore {
+        AvatarStore { shared: Some(root), ..AvatarStore::new(engine) }
+    }
+
+    /// Takes the cross-instance lock of `id` without waiting: `Ok(None)` when the storage
+    /// is not shared, `Err` when another holder conflicts.
+    fn try_lock(&self, id: &str, exclusive: bool) -> Result<Option<AvatarLock>, AvatarError> {
+        let Some(root) = &self.shared else { return Ok(None) };
+        let dir = root.join(".locks");
+        let file = std::fs::create_dir_all(&dir).and_then(|_| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(id)));
+        let file = file.map_err(|e| {
+            tracing::warn!(avatar = id, "cannot open the avatar's lock file in {}: {e}", dir.display());
+            AvatarError::BusyElsewhere(id.to_string())
+        })?;
+        let how = if exclusive { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
+        Flock::lock(file, how).map(Some).map_err(|_| AvatarError::BusyElsewhere(id.to_string()))
+    }
+
+    /// Reads one avatar dir's manifest into an avatar (not yet in the map). A
+    /// `preparing` manifest whose lock nobody holds was cut short: recorded as failed.
+    fn load(&self, dir: PathBuf, name: &str) -> Found {
+        let manifest = std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
+        let m = match manifest {
+            Ok(m) if m.avatar_id == name => m,
+            Ok(m) => return Found::Foreign(m.avatar_id),
+            Err(why) => return Found::Unreadable(why),
+        };
+        let video = dir.join(&m.video);
+        // One plain name inside the avatar's dir, never `..` or a path.
+        let plain = |n: &str| matches!(Path::new(n).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+        let material = dir.join(if plain(&m.material) { m.material.as_str() } else { "material" });
+        // Shared: a preparation whose instance holds the lock is running, not cut short.
+        let preparing_elsewhere = m.state == AvatarState::Preparing && self.shared.is_some() && self.try_lock(name, true).is_err();
+        let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
+            Some((format!("its source video `{}` is missing", m.video), false))
+        } else {
+            match m.state {
+                AvatarState::Ready if m.engine == self.engine => None,
+                // Kept as `ready` on disk: the same engine serves it again later.
+                AvatarState::Ready => Some((format!("prepared by the `{}` realtime engine, and this service runs `{}`", m.engine, self.engine), false)),
+                AvatarState::Preparing if preparing_elsewhere => None,
+                AvatarState::Preparing => Some(("its preparation was interrupted (its instance stopped)".to_string(), true)),
+                AvatarState::Failed => Some((m.error.clone().unwrap_or_else(|| "preparation failed".into()), false)),
+            }
+        };
+        let state = if preparing_elsewhere { AvatarState::Preparing } else { AvatarState::Ready };
+        let avatar = Arc::new(Avatar {
+            id: m.avatar_id.clone(),
+            dir,
+            video,
+            material,
+            users: Default::default(),
+            video_info: m.video_info,
+            bbox_shift: m.bbox_shift,
+            created: UNIX_EPOCH + Duration::from_millis(m.created_unix_ms),
+            prepare_job: m.prepare_job_id,
+            engine: m.engine,
+            restored: true,
+            state: Mutex::new((state, None)),
+            hold: Mutex::new(None),
+        });
+        if let Some((why, record)) = failure {
+            if record {
+                // Under the lock, so no instance starts preparing it meanwhile.
+                let _lock = self.try_lock(name, true);
+                avatar.set_state(AvatarState::Failed, Some(why));
+            } else {
+                *avatar.state.lock().unwrap_or_else(|e| e.into_inner()) = (AvatarState::Failed, Some(why));
+            }
+        }
+        Found::Avatar(avatar)
+    }
+
+    /// Shared storage: brings the cached `id` in line with its manifest (another
+    /// instance may have prepared, finished, deleted or re-created it).
+    fn refresh(&self, id: &str) {
+        let Some(root) = &self.shared else { return };
+        let cached = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        // This instance's own preparation writes the manifest: nothing to learn from it.
+        if cached.as_ref().is_some_and(|a| a.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some()) {
+            return;
+        }
+        match self.load(root.join(id), id) {
+            Found::Avatar(a) => {
+                let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                let same = cached.as_ref().is_some_and(|c| c.prepare_job == a.prepare_job && c.state() == a.state());
+                if !same {
+                    map.insert(id.to_string(), a);
+                }
+            }
+            Found::Unreadable(_) | Found::Foreign(_) => {
+                self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            }
+        }
+    }
+
+    /// Loads the avatars an earlier run (or, on shared storage, another instance) left
+    /// under `root`.
     pub fn restore(&self, root: &Path) -> Restored {
         let mut found = Restored::default();
         let Ok(entries) = std::fs::read_dir(root) else { return found };
         for entry in entries.flatten() {
             let dir = entry.path();
-            if !dir.is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `.locks`: the cross-instance locks (shared storage).
+            if !dir.is_dir() || name.starts_with('.') {
                 continue;
             }
-            let manifest = std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let m = match manifest {
-                Ok(m) if m.avatar_id == name => m,
-                Ok(m) => {
-                    tracing::warn!(dir = %dir.display(), "avatar manifest names `{}`, not its dir: left alone", m.avatar_id);
+            let avatar = match self.load(dir.clone(), &name) {
+                Found::Avatar(a) => a,
+                Found::Foreign(other) => {
+                    tracing::warn!(dir = %dir.display(), "avatar manifest names `{other}`, not its dir: left alone");
                     continue;
                 }
-                Err(why) => {
+                Found::Unreadable(why) => {
+                    // On shared storage another instance may be creating it now (its dir
+                    // made, its manifest not yet written): only a dir nobody holds is debris.
+                    let Ok(_lock) = self.try_lock(&name, true) else { continue };
+                    let written_meanwhile = std::fs::read(dir.join(MANIFEST)).ok().is_some_and(|b| serde_json::from_slice::<Manifest>(&b).is_ok());
+                    if written_meanwhile {
+                        continue;
+                    }
                     match std::fs::remove_dir_all(&dir) {
                         Ok(()) => found.removed += 1,
                         Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove an avatar dir without a manifest: {e}"),
@@ -271,46 +410,11 @@ impl AvatarStore {
                     continue;
                 }
             };
-            let video = dir.join(&m.video);
-            // One plain name inside the avatar's dir, never `..` or a path.
-            let plain = |n: &str| matches!(Path::new(n).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
-            let material = dir.join(if plain(&m.material) { m.material.as_str() } else { "material" });
-            let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
-                Some((format!("its source video `{}` is missing", m.video), false))
+            if avatar.state() == AvatarState::Failed {
+                found.failed += 1;
+                tracing::warn!(avatar = %avatar.id, "restored avatar cannot speak: {}", avatar.info().error.unwrap_or_default());
             } else {
-                match m.state {
-                    AvatarState::Ready if m.engine == self.engine => None,
-                    // Kept as `ready` on disk: the same engine serves it again later.
-                    AvatarState::Ready => Some((format!("prepared by the `{}` realtime engine, and this service runs `{}`", m.engine, self.engine), false)),
-                    AvatarState::Preparing => Some(("its preparation was interrupted by a restart".to_string(), true)),
-                    AvatarState::Failed => Some((m.error.clone().unwrap_or_else(|| "preparation failed".into()), false)),
-                }
-            };
-            let avatar = Arc::new(Avatar {
-                id: m.avatar_id.clone(),
-                dir,
-                video,
-                material,
-                users: Default::default(),
-                video_info: m.video_info,
-                bbox_shift: m.bbox_shift,
-                created: UNIX_EPOCH + Duration::from_millis(m.created_unix_ms),
-                prepare_job: m.prepare_job_id,
-                engine: m.engine,
-                restored: true,
-                state: Mutex::new((AvatarState::Ready, None)),
-            });
-            match failure {
-                None => found.ready += 1,
-                Some((why, record)) => {
-                    found.failed += 1;
-                    tracing::warn!(avatar = %avatar.id, "restored avatar cannot speak: {why}");
-                    if record {
-                        avatar.set_state(AvatarState::Failed, Some(why));
-                    } else {
-                        *avatar.state.lock().unwrap_or_else(|e| e.into_inner()) = (AvatarState::Failed, Some(why));
-                    }
-                }
+                found.ready += 1;
             }
             self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(avatar.id.clone(), avatar);
         }
@@ -318,22 +422,32 @@ impl AvatarStore {
     }
 
     /// Reserves `id` while its video uploads (or while it is being deleted). `Err` if it
-    /// exists or is reserved.
+    /// exists or is reserved (on shared storage: by any instance).
     pub fn reserve(&self, id: &str) -> Result<Reservation<'_>, AvatarError> {
+        self.refresh(id);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        if map.contains_key(id) || !reserved.insert(id.to_string()) {
+        if map.contains_key(id) || reserved.contains(id) {
             return Err(AvatarError::Exists(id.to_string()));
         }
-        Ok(Reservation { store: self, id: id.to_string() })
+        let lock = self.try_lock(id, true)?;
+        // Another instance may have finished creating it between the look and the lock.
+        if let Some(root) = &self.shared
+            && root.join(id).join(MANIFEST).is_file()
+        {
+            return Err(AvatarError::Exists(id.to_string()));
+        }
+        reserved.insert(id.to_string());
+        Ok(Reservation { store: self, id: id.to_string(), lock })
     }
 
     fn unreserve(&self, id: &str) {
         self.reserved.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
-    /// Turns a reservation into an avatar in `preparing`.
-    pub fn insert(&self, reservation: Reservation<'_>, paths: AvatarPaths, video_info: MediaInfo, bbox_shift: Option<i32>, prepare_job: String) -> Arc<Avatar> {
+    /// Turns a reservation into an avatar in `preparing` (holding, on shared storage, the
+    /// exclusive lock until it is ready or failed).
+    pub fn insert(&self, mut reservation: Reservation<'_>, paths: AvatarPaths, video_info: MediaInfo, bbox_shift: Option<i32>, prepare_job: String) -> Arc<Avatar> {
         let id = reservation.id.clone();
         let a = Arc::new(Avatar {
             id: id.clone(),
@@ -348,6 +462,7 @@ impl AvatarStore {
             engine: self.engine.clone(),
             restored: false,
             state: Mutex::new((AvatarState::Preparing, None)),
+            hold: Mutex::new(reservation.lock.take()),
         });
         if let Err(e) = a.persist() {
             tracing::warn!(avatar = %id, "cannot write the avatar manifest (the avatar will not survive a restart): {e}");
@@ -359,19 +474,24 @@ impl AvatarStore {
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Avatar>, AvatarError> {
+        self.refresh(id);
         self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))
     }
 
     /// The avatar, leased, if it is ready to speak. The lease is taken under the map's
     /// lock, the one [`remove`](Self::remove) checks leases under: no delete slips between.
+    /// On shared storage the lease also holds the avatar's lock shared: no instance
+    /// deletes it meanwhile.
     pub fn ready(&self, id: &str) -> Result<AvatarLease, AvatarError> {
+        self.refresh(id);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
         let (state, error) = a.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match state {
             AvatarState::Ready => {
+                let lock = self.try_lock(id, false)?;
                 a.users.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                Ok(AvatarLease(a))
+                Ok(AvatarLease(a, lock))
             }
             AvatarState::Preparing => Err(AvatarError::Preparing(id.to_string())),
             AvatarState::Failed => Err(AvatarError::Failed { id: id.to_string(), why: error.unwrap_or_default() }),
@@ -379,6 +499,14 @@ impl AvatarStore {
     }
 
     pub fn list(&self) -> Vec<AvatarInfo> {
+        if let Some(root) = &self.shared {
+            let on_disk = std::fs::read_dir(root).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.'));
+            let cached: Vec<String> = self.map.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+            let ids: std::collections::BTreeSet<String> = on_disk.chain(cached).collect();
+            for id in &ids {
+                self.refresh(id);
+            }
+        }
         let mut v: Vec<_> = self.map.lock().unwrap_or_else(|e| e.into_inner()).values().map(|a| a.info()).collect();
         v.sort_by(|a, b| a.avatar_id.cmp(&b.avatar_id));
         v
@@ -386,8 +514,10 @@ impl AvatarStore {
 
     /// Removes the avatar and its files; refused while it is being prepared or while
     /// speaks hold it (`Busy`: the client retries once they finish — refusing, rather
-    /// than waiting, keeps DELETE's answer immediate and its outcome unambiguous).
+    /// than waiting, keeps DELETE's answer immediate and its outcome unambiguous). On
+    /// shared storage, also while any instance prepares it or speaks for it.
     pub fn remove(&self, id: &str) -> Result<(), AvatarError> {
+        self.refresh(id);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
         if a.state() == AvatarState::Preparing {
@@ -397,11 +527,12 @@ impl AvatarStore {
         if speaks > 0 {
             return Err(AvatarError::Busy { id: id.to_string(), speaks });
         }
+        let lock = self.try_lock(id, true)?;
         map.remove(id);
         // Held while the files go: a new preparation of this id waits for the dir to be gone.
         self.reserved.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
         drop(map);
-        let _deleting = Reservation { store: self, id: id.to_string() };
+        let _deleting = Reservation { store: self, id: id.to_string(), lock };
         if let Err(e) = std::fs::remove_dir_all(&a.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -414,6 +545,52 @@ impl AvatarStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two instances on one shared root (two stores: each lock is its own open file, so
+    /// they conflict as two processes' would).
+    #[test]
+    fn instances_sharing_avatars_never_prepare_delete_or_clean_up_the_same_one_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().join("avatars");
+        let (a, b) = (AvatarStore::shared("preview", root.clone()), AvatarStore::shared("preview", root.clone()));
+        let video = |id: &str, job: &str| {
+            let p = paths(&root, id, job, "mp4");
+            std::fs::create_dir_all(&p.dir).unwrap();
+            std::fs::write(&p.source, b"video").unwrap();
+            p
+        };
+        let r = a.reserve("alice").unwrap();
+        assert!(matches!(b.reserve("alice"), Err(AvatarError::BusyElsewhere(_))), "a reservation elsewhere holds the lock");
+        let alice = a.insert(r, video("alice", "j1"), MediaInfo::default(), None, "j1".into());
+        assert_eq!(b.get("alice").unwrap().state(), AvatarState::Preparing, "the other instance sees it preparing, not interrupted");
+        assert!(matches!(b.ready("alice"), Err(AvatarError::Preparing(_))));
+        assert!(matches!(b.reserve("alice"), Err(AvatarError::Exists(_))));
+        alice.set_state(AvatarState::Ready, None);
+        let lease = b.ready("alice").expect("the other instance speaks for it once ready");
+        assert!(matches!(a.remove("alice"), Err(AvatarError::BusyElsewhere(_))), "no delete while another instance speaks");
+        drop(lease);
+        a.remove("alice").unwrap();
+        assert!(matches!(b.get("alice"), Err(AvatarError::NotFound(_))), "deleted for every instance");
+        assert!(b.list().is_empty());
+
+        // An instance that dies while preparing: its lock goes with it; the others see a
+        // preparation cut short.
+        let c = AvatarStore::shared("preview", root.clone());
+        let bob = c.insert(c.reserve("bob").unwrap(), video("bob", "j2"), MediaInfo::default(), None, "j2".into());
+        drop(bob);
+        drop(c);
+        let seen = b.get("bob").unwrap().info();
+        assert_eq!((seen.state, seen.error.as_deref()), (AvatarState::Failed, Some("its preparation was interrupted (its instance stopped)")));
+
+        // Start-up clean-up leaves a dir another instance is creating (no manifest yet).
+        let held = a.reserve("carol").unwrap();
+        std::fs::create_dir_all(root.join("carol")).unwrap();
+        let fresh = AvatarStore::shared("preview", root.clone());
+        assert_eq!(fresh.restore(&root).removed, 0);
+        assert!(root.join("carol").is_dir(), "another instance's files are left alone");
+        drop(held);
+        assert_eq!(AvatarStore::shared("preview", root.clone()).restore(&root).removed, 1, "debris once nobody holds it");
+    }
 
     #[test]
     fn lifecycle_and_refusals() {

@@ -393,6 +393,18 @@ pub struct JobManager {
     profiler: crate::profile::Profiler,
     /// Media facts for uploads and outputs (the persistent helpers, or ffprobe).
     prober: crate::pipeline::prober::Prober,
+    /// Ids of the jobs an earlier run of this instance left (interrupted or finished).
+    lost: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A new job id: 32 hex digits, after `{instance}-` behind a routing proxy (the proxy
+/// reads the owner from the id: docs/cluster.md).
+pub fn job_id(instance: Option<&str>) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    match instance {
+        Some(name) => format!("{name}-{id}"),
+        None => id,
+    }
 }
 
 impl JobManager {
@@ -423,12 +435,16 @@ impl JobManager {
 
     /// `slots` is the run budget (`--max-concurrent-jobs`) shared with the preview realtime engine.
     pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>, realtime: Arc<dyn crate::pipeline::realtime::RealtimeEngine>, metrics: Arc<Metrics>, collector: CollectorHandle, slots: Arc<Semaphore>) -> Arc<Self> {
-        let avatars = avatars::AvatarStore::new(realtime.name());
+        let avatars = match &config.shared_dir {
+            Some(_) => avatars::AvatarStore::shared(realtime.name(), config.avatars_dir()),
+            None => avatars::AvatarStore::new(realtime.name()),
+        };
         let profiler = crate::profile::Profiler::new(&config);
         let prober = crate::pipeline::prober::Prober::new(&config).counted(metrics.probe.clone());
         let m = Arc::new(JobManager {
             profiler,
             prober,
+            lost: Mutex::default(),
             slots,
             config,
             backend,
@@ -462,7 +478,20 @@ impl JobManager {
     /// can never be served again.
     pub fn clean_stale_dirs(&self) -> usize {
         let Ok(entries) = std::fs::read_dir(self.config.jobs_dir()) else { return 0 };
-        entries.flatten().filter(|e| e.path().is_dir() && std::fs::remove_dir_all(e.path()).is_ok()).count()
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .flatten()
+            .filter(|e| e.path().is_dir() && std::fs::remove_dir_all(e.path()).is_ok())
+            .inspect(|e| {
+                lost.insert(e.file_name().to_string_lossy().into_owned());
+            })
+            .count()
+    }
+
+    /// Whether `id` was a job of this instance's earlier run (its dir was found at start):
+    /// it is gone with that run, which is not the same as never having existed.
+    pub fn was_lost(&self, id: &str) -> bool {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
 
     /// Run slots of a mode: `--max-concurrent-jobs` for simple jobs, one per realtime worker.
@@ -530,7 +559,7 @@ impl JobManager {
 
     /// Creates the job (its dir and its span, child of the current span).
     pub fn create(self: &Arc<Self>, mode: Mode) -> Result<Arc<Job>, JobError> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = job_id(self.config.instance_name.as_deref());
         let dir = self.config.jobs_dir().join(&id);
         std::fs::create_dir_all(&dir).map_err(JobError::JobDir)?;
         let span = tracing::info_span!(
