@@ -10,6 +10,8 @@
 #                 libavformat-dev, libavcodec-dev, libavutil-dev, libclang-dev)
 #   prometheus    prometheus, promtool (the real Prometheus the e2e tests scrape with)
 #   python3-yaml  `python3 -c 'import yaml'`
+#   nginx         nginx (the proxy in front of scripts/local-cluster.sh's replicas, and the
+#                 cluster tests)
 #   curl          curl (the README's quick start, which tests/e2e_quickstart.rs runs as written)
 #   chromium      chromium, chromedriver (packages chromium, chromium-driver: the
 #                 status page's real-browser test drives headless Chromium over WebDriver)
@@ -30,6 +32,7 @@ have() {
         python3-yaml) command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' >/dev/null 2>&1 ;;
         chromium) command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 ;;
         curl) command -v curl >/dev/null 2>&1 ;;
+        nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] ;;
         py-spy) command -v py-spy >/dev/null 2>&1 ;;
         *) printf 'ensure-deps: unknown component %s\n' "$1" >&2; exit 2 ;;
     esac
