@@ -20,7 +20,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 say "checking system tools"
-scripts/ensure-deps.sh ffmpeg ffmpeg-dev prometheus python3-yaml chromium curl py-spy
+scripts/ensure-deps.sh ffmpeg ffmpeg-dev prometheus python3-yaml chromium curl py-spy nginx
 
 say "cargo test --all-targets $*"
 status=0
