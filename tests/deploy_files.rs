@@ -892,10 +892,11 @@ fn generated_k8s_files_are_in_sync() {
     // Run the generator on a copy of its inputs and compare byte for byte.
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    for dir in ["scripts", "dashboards", "deploy/prometheus", "deploy/k8s"] {
+    for dir in ["scripts", "dashboards", "deploy/prometheus", "deploy/k8s", "deploy/proxy"] {
         std::fs::create_dir_all(t.join(dir)).unwrap();
     }
     std::fs::copy(repo("scripts/gen-k8s.sh"), t.join("scripts/gen-k8s.sh")).unwrap();
+    std::fs::copy(repo("deploy/proxy/nginx.conf.in"), t.join("deploy/proxy/nginx.conf.in")).unwrap();
     std::fs::copy(
         repo("deploy/prometheus/alerts.yml"),
         t.join("deploy/prometheus/alerts.yml"),
@@ -921,12 +922,13 @@ fn generated_k8s_files_are_in_sync() {
     for f in [
         "deploy/k8s/dashboards-configmap.yaml",
         "deploy/k8s/prometheusrule.yaml",
+        "deploy/k8s/router.yaml",
     ] {
         let want = std::fs::read_to_string(t.join(f)).unwrap();
         let have = read(f);
         assert!(
             have == want,
-            "{f} is out of date: run scripts/gen-k8s.sh (it is generated from dashboards/*.json and deploy/prometheus/alerts.yml)"
+            "{f} is out of date: run scripts/gen-k8s.sh (it is generated from dashboards/*.json, deploy/prometheus/alerts.yml and deploy/proxy/nginx.conf.in)"
         );
     }
 
@@ -1084,7 +1086,7 @@ fn kubernetes_manifests_reference_only_what_exists() {
     }
 
     // The Deployment.
-    let dep = k.get("Deployment", "musetalk-sidecar");
+    let dep = k.get("StatefulSet", "musetalk-sidecar");
     let pod = &dep["spec"]["template"];
     let pod_labels = labels(&pod["metadata"]["labels"]);
     assert!(
@@ -1229,7 +1231,7 @@ fn kubernetes_manifests_reference_only_what_exists() {
             .manifests()
             .map(|(_, d)| d)
             .filter(|d| {
-                d["kind"] == "Deployment"
+                (d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
                     && subset(&sel, &labels(&d["spec"]["template"]["metadata"]["labels"]))
             })
             .collect();
@@ -1448,7 +1450,7 @@ async fn deploy_settings_are_accepted_by_the_real_binary() {
     let compose = yaml("deploy/docker-compose.yml");
     let gpu = yaml("deploy/docker-compose.gpu.yml");
     let k = K8s::load();
-    let dep = k.get("Deployment", "musetalk-sidecar");
+    let dep = k.get("StatefulSet", "musetalk-sidecar");
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
 
     // (where, env as the container sees it: image ENV, then the file's own)
@@ -1471,7 +1473,8 @@ async fn deploy_settings_are_accepted_by_the_real_binary() {
         // Kubernetes expands $(VAR) from earlier entries; fieldRef values stand in here.
         let mut v = value
             .clone()
-            .unwrap_or_else(|| format!("{}-value", name.to_ascii_lowercase()));
+            // (a DNS label, as a pod's name is: MUSETALK_SIDECAR_INSTANCE_NAME is one)
+            .unwrap_or_else(|| format!("{}-value", name.to_ascii_lowercase().replace('_', "-")));
         for h in &helpers {
             v = v.replace(
                 &format!("$({h})"),
@@ -1525,4 +1528,55 @@ async fn deploy_settings_are_accepted_by_the_real_binary() {
             );
         }
     }
+}
+
+/// The Kubernetes router is the shipped nginx configuration and agrees with the pods it
+/// routes to: the headless Service it names gives the StatefulSet's pods their names,
+/// which are their `--instance-name`s; the port is theirs; avatars are on a
+/// ReadWriteMany claim every pod mounts at `--shared-dir`; and nginx accepts the file.
+#[test]
+fn k8s_router_agrees_with_the_sidecar_pods() {
+    let k = K8s::load();
+    let sts = k.get("StatefulSet", "musetalk-sidecar");
+    let headless = s(&sts["spec"]["serviceName"]).to_string();
+    let svc = k.get("Service", &headless);
+    assert_eq!(s(&svc["spec"]["clusterIP"]), "None", "{headless} is headless");
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"], Value::Bool(true), "a draining pod still answers for its jobs");
+    assert!(subset(&labels(&svc["spec"]["selector"]), &labels(&sts["spec"]["template"]["metadata"]["labels"])));
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    let env: BTreeMap<String, &Value> = c["env"].as_sequence().unwrap().iter().map(|e| (s(&e["name"]).to_string(), e)).collect();
+    assert_eq!(s(&env["MUSETALK_SIDECAR_INSTANCE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]), "metadata.name", "the pod's name is its instance name");
+    let shared = s(&env["MUSETALK_SIDECAR_SHARED_DIR"]["value"]);
+    let mount = c["volumeMounts"].as_sequence().unwrap().iter().find(|m| s(&m["mountPath"]) == shared).expect("the shared dir is a mount");
+    let vol = sts["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    let pvc = k.get("PersistentVolumeClaim", s(&vol["persistentVolumeClaim"]["claimName"]));
+    assert!(pvc["spec"]["accessModes"].as_sequence().unwrap().iter().any(|m| m == "ReadWriteMany"), "pods on several nodes share it");
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+
+    let cm = k.get("ConfigMap", "musetalk-router");
+    let conf = s(&cm["data"]["nginx.conf.template"]);
+    assert!(conf.contains(&format!("${{pod}}.{headless}.${{POD_NAMESPACE}}.svc.cluster.local:{port}")), "owners go to their pod's DNS name: {conf}");
+    let sidecar_svc = k.get("Service", "musetalk-sidecar");
+    assert!(conf.contains(&format!("server musetalk-sidecar:{};", sidecar_svc["spec"]["ports"][0]["port"].as_u64().unwrap())), "new work goes to the Service");
+    let router = k.get("Deployment", "musetalk-router");
+    let rc = &router["spec"]["template"]["spec"]["containers"][0];
+    assert!(conf.contains(&format!("listen {};", rc["ports"][0]["containerPort"].as_u64().unwrap())));
+    assert_eq!(s(&k.get("HorizontalPodAutoscaler", "musetalk-sidecar")["spec"]["scaleTargetRef"]["kind"]), "StatefulSet");
+
+    // nginx accepts it, once the image's envsubst and the cluster's DNS names are stood in for.
+    let nginx = ["nginx", "/usr/sbin/nginx"].into_iter().find(|n| Command::new(n).arg("-v").output().is_ok());
+    let Some(nginx) = nginx else {
+        panic!("nginx is needed (scripts/ensure-deps.sh nginx)");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let local = conf
+        .replace("${POD_NAMESPACE}", "default")
+        .replace("resolver kube-dns.kube-system.svc.cluster.local", "resolver 127.0.0.1")
+        .replace("server musetalk-sidecar:", "server 127.0.0.1:")
+        .replace("pid /tmp/nginx.pid;", &format!("pid {}/nginx.pid;", tmp.path().display()))
+        .replace("/tmp/client_body", &tmp.path().join("body").display().to_string())
+        .replace("/tmp/proxy", &tmp.path().join("proxy").display().to_string());
+    std::fs::write(tmp.path().join("nginx.conf"), local).unwrap();
+    let out = Command::new(nginx).args(["-t", "-q", "-e"]).arg(tmp.path().join("error.log")).arg("-p").arg(tmp.path()).arg("-c").arg(tmp.path().join("nginx.conf")).output().unwrap();
+    assert!(out.status.success(), "nginx -t: {}", String::from_utf8_lossy(&out.stderr));
 }
