@@ -8,11 +8,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::cluster::{Cluster, owner};
 use common::media::media;
 use futures::StreamExt;
 use reqwest::StatusCode;
@@ -20,159 +21,6 @@ use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-/// What `scripts/local-cluster.sh up` started; `down` when dropped.
-struct Cluster {
-    state: tempfile::TempDir,
-    shared: tempfile::TempDir,
-    proxy: u16,
-    /// Replica name → pid.
-    pids: BTreeMap<String, u32>,
-    client: reqwest::Client,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Cluster {
-    fn script(&self) -> Command {
-        let mut c = Command::new(Path::new(REPO).join("scripts/local-cluster.sh"));
-        c.env("LOCAL_CLUSTER_DIR", self.state.path()).env("MUSETALK_SIDECAR_BIN", env!("CARGO_BIN_EXE_musetalk-sidecar"));
-        c
-    }
-
-    fn record(&mut self, stdout: &[u8]) {
-        for line in String::from_utf8_lossy(stdout).lines() {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-            match v["role"].as_str() {
-                Some("sidecar") => {
-                    self.pids.insert(v["name"].as_str().unwrap().to_string(), v["pid"].as_u64().unwrap() as u32);
-                }
-                Some("proxy") => assert_eq!(v["port"].as_u64(), Some(u64::from(self.proxy)), "{line}"),
-                _ => panic!("unexpected line {line}"),
-            }
-        }
-    }
-
-    async fn up(extra: &[String]) -> Cluster {
-        let mut c = Cluster { state: tempfile::tempdir().unwrap(), shared: tempfile::tempdir().unwrap(), proxy: free_port(), pids: BTreeMap::new(), client: reqwest::Client::new() };
-        let mut cmd = c.script();
-        cmd.args(["up", "--replicas", "3", "--port", &c.proxy.to_string(), "--shared"]).arg(c.shared.path()).arg("--").args(extra);
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
-        assert!(out.status.success(), "local-cluster.sh up: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-        c.record(&out.stdout);
-        assert_eq!(c.pids.len(), 3, "one line per replica: {}", String::from_utf8_lossy(&out.stdout));
-        c
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.proxy)
-    }
-
-    fn kill(&self, name: &str) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pids[name] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    }
-
-    async fn restart(&mut self, name: &str) {
-        let mut cmd = self.script();
-        cmd.args(["restart", name]);
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
-        assert!(out.status.success(), "restart {name}: {}", String::from_utf8_lossy(&out.stderr));
-        self.record(&out.stdout);
-    }
-
-    /// Every file under the shared dir (the avatars and their material).
-    fn shared_files(&self) -> BTreeSet<PathBuf> {
-        let mut out = BTreeSet::new();
-        let mut stack = vec![self.shared.path().to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if !p.starts_with(self.shared.path().join("avatars/.locks")) {
-                    out.insert(p);
-                }
-            }
-        }
-        out
-    }
-
-    async fn json(&self, r: reqwest::RequestBuilder) -> (StatusCode, Value) {
-        let r = r.send().await.unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    fn job_form(&self) -> Form {
-        Form::new().part("video", Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4")).part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"))
-    }
-
-    /// Submits an async job; its id.
-    async fn submit(&self) -> String {
-        let (status, v) = self.json(self.client.post(self.url("/v1/inference")).header("prefer", "respond-async").multipart(self.job_form())).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
-        v["job_id"].as_str().unwrap().to_string()
-    }
-
-    async fn wait_job(&self, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (status, v) = self.json(self.client.get(self.url(&format!("/v1/jobs/{id}")))).await;
-            assert_eq!(status, StatusCode::OK, "{id}: {v}");
-            if matches!(v["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{id} did not end: {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn prepare(&self, avatar: &str) {
-        let form = Form::new().text("avatar_id", avatar.to_string()).part("video", Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4"));
-        let (status, v) = self.json(self.client.post(self.url("/v1/avatars")).multipart(form)).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (status, v) = self.json(self.client.get(self.url(&format!("/v1/avatars/{avatar}")))).await;
-            assert_eq!(status, StatusCode::OK, "any replica knows {avatar}: {v}");
-            match v["state"].as_str() {
-                Some("ready") => return,
-                Some("preparing") => {}
-                _ => panic!("{avatar}: {v}"),
-            }
-            assert!(Instant::now() < deadline, "{avatar} not ready: {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Speaks for `avatar` (synchronously); the owner of the speak job.
-    async fn speak(&self, avatar: &str) -> String {
-        let form = Form::new().part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"));
-        let (status, v) = self.json(self.client.post(self.url(&format!("/v1/avatars/{avatar}/speak"))).multipart(form)).await;
-        assert_eq!(status, StatusCode::OK, "speak {avatar}: {v}");
-        assert_eq!(v["state"], "succeeded", "{v}");
-        owner(v["job_id"].as_str().unwrap())
-    }
-
-    async fn prepare_jobs(&self) -> BTreeMap<String, String> {
-        let (_, list) = self.json(self.client.get(self.url("/v1/avatars"))).await;
-        list.as_array().unwrap().iter().map(|a| (a["avatar_id"].as_str().unwrap().to_string(), a["prepare_job_id"].as_str().unwrap().to_string())).collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self.script().arg("down").status();
-    }
-}
-
-/// `s1` of `s1-0123…`.
-fn owner(job: &str) -> String {
-    job[..job.len() - 33].to_string()
-}
 
 /// 50 async jobs and every follow-up (status, report, output with Range, events, cancel),
 /// all through the proxy: each answer must come from the job's owner.

@@ -692,7 +692,7 @@ fn free_port() -> u16 {
 /// prometheus.yml with only what a test must change: the sidecar target (the compose
 /// service `sidecar:8000` → the test's port), 1 s intervals, and the rule file paths made
 /// absolute. Everything else (job name, metrics path, rule files) is the repository's.
-fn test_config(target: SocketAddr) -> String {
+fn test_config(scraped: &[SocketAddr]) -> String {
     let text = std::fs::read_to_string(repo("prometheus.yml"))
         .expect("prometheus.yml at the repository root");
     let mut cfg: serde_yaml_ng::Value =
@@ -736,7 +736,7 @@ fn test_config(target: SocketAddr) -> String {
         targets[0], "sidecar:8000",
         "the compose service name and the sidecar's default port"
     );
-    targets[0] = target.to_string().into();
+    *targets = scraped.iter().map(|t| t.to_string().into()).collect();
     serde_yaml_ng::to_string(&cfg).unwrap()
 }
 
@@ -748,13 +748,13 @@ struct RepoPrometheus {
 }
 
 impl RepoPrometheus {
-    async fn start(target: SocketAddr) -> RepoPrometheus {
+    async fn start(targets: &[SocketAddr]) -> RepoPrometheus {
         let dir = tempfile::Builder::new()
             .prefix("musetalk-dash-prom-")
             .tempdir()
             .unwrap();
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, test_config(target)).unwrap();
+        std::fs::write(&config, test_config(targets)).unwrap();
         let (ok, out) = promtool(&["check", "config", config.to_str().unwrap()], None);
         assert!(
             ok,
@@ -809,7 +809,7 @@ impl RepoPrometheus {
 
     /// Started against `svc`, once its first scrape succeeded; with the `instance` label it scrapes under.
     async fn scraping(svc: &Service) -> (RepoPrometheus, String) {
-        let prom = RepoPrometheus::start(svc.metrics_addr()).await;
+        let prom = RepoPrometheus::start(&[svc.metrics_addr()]).await;
         let instance = svc.metrics_addr().to_string();
         prom.wait_value(&format!(r#"up{{job="musetalk-sidecar", instance="{instance}"}}"#), Duration::from_secs(20), |v| v == 1.0).await;
         (prom, instance)
@@ -1654,4 +1654,70 @@ async fn a_healthy_service_reads_zero_where_nothing_went_wrong() {
     assert!(worker_waivers <= 2, "only the two worker panels may be waived for the missing worker: {:#?}", eval.waived);
     let batch_waivers = eval.waived.iter().filter(|w| w.contains("no model batches")).count();
     assert!(batch_waivers <= 1, "only the batch panel may be waived for the preview engine: {:#?}", eval.waived);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Past one pod: three replicas behind the proxy, one Prometheus scraping all three.
+
+/// Whether `expr` keeps the `instance` label on purpose (`by (…, instance, …)`).
+fn groups_by_instance(expr: &str) -> bool {
+    expr.match_indices("by (").any(|(i, _)| expr[i + 4..].split(')').next().is_some_and(|g| g.split(',').any(|l| l.trim() == "instance")))
+}
+
+/// The cluster's totals on every dashboard: with the `instance` variable on All (Grafana
+/// sends `(a|b|c)`), a panel gives one series per group, not one per replica, unless it
+/// is a per-replica panel on purpose (grouped by instance, its legend naming it); the
+/// job counts and the success ratio are the cluster's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_give_cluster_totals_over_three_replicas() {
+    use common::cluster::{Cluster, owner};
+    let c = Cluster::up(&["--queue-size".into(), "16".into()]).await;
+    let addrs: Vec<SocketAddr> = c.addrs.values().copied().collect();
+    let prom = RepoPrometheus::start(&addrs).await;
+    // Every replica scraped once before the jobs: rate() then sees them counted.
+    prom.wait_value("count(up == 1)", Duration::from_secs(30), |v| v == 3.0).await;
+    let mut owners = BTreeSet::new();
+    let mut jobs = 0;
+    while jobs < 9 || owners.len() < 3 {
+        let id = c.submit().await;
+        assert_eq!(c.wait_job(&id).await["state"], "succeeded");
+        owners.insert(owner(&id));
+        jobs += 1;
+    }
+    let instances: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let all = format!("({})", instances.iter().map(|i| grafana_regex_escape(i)).collect::<Vec<_>>().join("|"));
+    let total = format!(r#"sum(musetalk_jobs_total{{instance=~"{all}", outcome="succeeded"}})"#);
+    prom.wait_value(&total, Duration::from_secs(30), |v| v == jobs as f64).await;
+    let offered: BTreeSet<String> = prom.query("group by (instance) (musetalk_sidecar_build_info)").await.iter().map(|s| s["metric"]["instance"].as_str().unwrap().to_string()).collect();
+    assert_eq!(offered, instances.iter().cloned().collect(), "the instance variable offers every replica");
+
+    let vars = Vars { instance: all.clone(), mode: ".*".into(), gpu: ".*".into() };
+    let mut per_replica = Vec::new();
+    let mut checked = 0;
+    for d in dashboards() {
+        for p in panels(&d) {
+            for t in &p.targets {
+                let q = substitute(&t.expr, &vars);
+                let r = prom.query(&q).await;
+                checked += 1;
+                // A per-replica panel says so in its legend (`{{instance}}`).
+                let legend = p.json["targets"].as_array().into_iter().flatten().find(|x| x["refId"] == t.ref_id.as_str()).and_then(|x| x["legendFormat"].as_str()).unwrap_or("");
+                let per_instance = groups_by_instance(&t.expr) || legend.contains("{{instance}}");
+                if !per_instance && r.iter().any(|s| s["metric"].get("instance").is_some()) {
+                    per_replica.push(format!("{} / {}: `{}` gives a series per replica", d.file, p.title, t.expr));
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "{checked} queries");
+    assert!(per_replica.is_empty(), "panels that do not sum over the replicas:\n{}", per_replica.join("\n"));
+    // The cluster's figures, through the panels' own queries.
+    let overview = dashboards().into_iter().find(|d| d.file.contains("overview")).expect("the overview dashboard");
+    let panel = |title: &str| panels(&overview).into_iter().find(|p| p.title == title).unwrap_or_else(|| panic!("no panel {title}"));
+    let ratio = substitute(&panel("Success ratio (dashboard range)").targets[0].expr, &vars);
+    // Once the scrapes after the last job are in (rate needs two of each replica's).
+    prom.wait_value(&ratio, Duration::from_secs(30), |v| v == 1.0).await;
+    let by_outcome = prom.query(&substitute(&panel("Jobs finished by outcome").targets[0].expr, &vars)).await;
+    let succeeded: Vec<&Value> = by_outcome.iter().filter(|s| s["metric"]["outcome"] == "succeeded").collect();
+    assert_eq!(succeeded.len(), 1, "one cluster series: {by_outcome:?}");
 }

@@ -1,3 +1,4 @@
+pub mod cluster;
 pub mod media;
 pub mod nvml;
 pub mod otlp;
