@@ -79,6 +79,13 @@ async fn avatars_and_a_replica_lost(c: &mut Cluster) {
         }
         assert_eq!(speakers.len(), 3, "{a} spoken from every replica: {speakers:?}");
     }
+    // A streamed speak passes through the proxy as the replica writes it.
+    let form = Form::new().text("stream", "true").part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"));
+    let r = c.client.post(c.url("/v1/avatars/alice/speak")).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "video/mp4");
+    let body = r.bytes().await.unwrap();
+    assert!(body.len() > 1000 && &body[4..8] == b"ftyp", "{} bytes", body.len());
     let before = c.shared_files();
     assert!(before.iter().any(|p| p.ends_with("avatar.json")), "{before:?}");
 
@@ -161,5 +168,6 @@ async fn three_replicas_with_persistent_workers_behind_nginx() {
     .map(|s| s.to_string())
     .collect();
     let mut c = Cluster::up(&extra).await;
+    jobs_and_follow_ups(&c).await;
     avatars_and_a_replica_lost(&mut c).await;
 }
