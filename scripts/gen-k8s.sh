@@ -48,7 +48,7 @@ write() { # write FILE: stdin to FILE, atomically
 # pod gets from the downward API) into /etc/nginx/nginx.conf at start.
 render_router() {
     sed -e 's|^@MAIN@$|worker_processes auto;\nerror_log /dev/stderr warn;\npid /tmp/nginx.pid;|' \
-        -e 's|^\( *\)@TEMP_PATHS@$|\1client_body_temp_path /tmp/client_body;\n\1proxy_temp_path /tmp/proxy;|' \
+        -e 's|^\( *\)@TEMP_PATHS@$|\1client_body_temp_path /tmp/client_body;\n\1proxy_temp_path /tmp/proxy;\n\1fastcgi_temp_path /tmp/fastcgi;\n\1uwsgi_temp_path /tmp/uwsgi;\n\1scgi_temp_path /tmp/scgi;|' \
         -e 's|^\( *\)@OWNERS@$|\1"~^(?<pod>[a-z0-9]([a-z0-9-]*[a-z0-9])?)$" "${pod}.musetalk-sidecar-pods.${POD_NAMESPACE}.svc.cluster.local:8000";|' \
         -e 's|^\( *\)@RESOLVER@$|\1resolver kube-dns.kube-system.svc.cluster.local valid=10s ipv6=off;|' \
         -e 's|^\( *\)@SERVERS@$|\1server musetalk-sidecar:8000;|' \

@@ -73,8 +73,13 @@ case "${1:-}" in
         name=${2:-}
         [ -f "$state/$name.cmd" ] || die "no replica named '$name' in $state"
         if [ -f "$state/$name.pid" ]; then
-            kill -TERM "$(cat "$state/$name.pid")" 2>/dev/null || true
-            for _ in $(seq 100); do kill -0 "$(cat "$state/$name.pid")" 2>/dev/null || break; sleep 0.1; done
+            pid=$(cat "$state/$name.pid")
+            # Only if it is still that replica (a pid can be reused after a crash).
+            if grep -q -- "--instance-name" "/proc/$pid/cmdline" 2>/dev/null; then
+                kill -TERM "$pid" 2>/dev/null || true
+                for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
         fi
         start_replica "$name"
         exit 0
@@ -106,6 +111,8 @@ if [ -z "$bin" ]; then
 fi
 stop_all
 starting=1
+# Anything that fails from here on stops what was started.
+trap 'if [ "$starting" = 1 ]; then stop_all; fi' EXIT
 mkdir -p "$state" "$shared"
 shared=$(cd "$shared" && pwd)
 
@@ -129,7 +136,10 @@ error_log $state/nginx/error.log warn;
 worker_processes 2;
 daemon off;"
 temp="client_body_temp_path $state/nginx/body;
-    proxy_temp_path $state/nginx/proxy;"
+    proxy_temp_path $state/nginx/proxy;
+    fastcgi_temp_path $state/nginx/fastcgi;
+    uwsgi_temp_path $state/nginx/uwsgi;
+    scgi_temp_path $state/nginx/scgi;"
 MAIN=$main TEMP=$temp OWNERS=$owners SERVERS=$servers LISTEN="127.0.0.1:$port" python3 - "$repo/deploy/proxy/nginx.conf.in" "$conf" <<'PY'
 import os, sys
 text = open(sys.argv[1]).read()
@@ -148,3 +158,4 @@ for _ in $(seq 100); do
 done
 curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 || die "nginx does not answer on 127.0.0.1:$port"
 printf '{"role":"proxy","pid":%s,"port":%s}\n' "$(cat "$state/proxy.pid")" "$port"
+starting=0

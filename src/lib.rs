@@ -96,7 +96,11 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     let listener = TcpListener::bind(config.listen).await.map_err(|source| RunError::Bind { addr: config.listen, source })?;
     let local = listener.local_addr().map_err(RunError::Serve)?;
     let mut servers = tokio::task::JoinSet::new();
-    let graceful = shutdown.clone();
+    // The listeners close once the jobs have drained, not at SIGTERM: behind a routing
+    // proxy, a draining replica still answers for the jobs it owns (their status, report,
+    // output, events) while readiness and admission already turn new work away.
+    let stop_serving = CancellationToken::new();
+    let graceful = stop_serving.clone();
     servers.spawn(
         axum::serve(listener, http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move { graceful.cancelled().await })
@@ -106,7 +110,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     if let Some(addr) = config.admin_listen {
         let admin = TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
         admin_local = Some(admin.local_addr().map_err(RunError::Serve)?);
-        let graceful = shutdown.clone();
+        let graceful = stop_serving.clone();
         servers.spawn(
             axum::serve(admin, http::admin_router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
@@ -123,24 +127,20 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     tokio::spawn(watch_signals(shutdown.clone()));
 
     shutdown.cancelled().await;
-    tracing::info!("shutdown: no longer accepting requests, draining");
+    tracing::info!("shutdown: no longer accepting jobs, draining (still answering for the jobs here)");
     state.draining.store(true, Ordering::Release);
     let mut result = Ok(());
-    // Jobs drain while the servers finish their in-flight requests (a synchronous
-    // inference request ends when its job does).
-    let (_, served) = tokio::join!(jobs.drain(config.shutdown_grace), async {
-        let mut result = Ok(());
-        while let Some(r) = servers.join_next().await {
-            if let Ok(Err(e)) = r {
-                result = Err(RunError::Serve(e));
-            }
+    jobs.drain(config.shutdown_grace).await;
+    // Then the servers finish their in-flight requests (a synchronous inference request
+    // ended with its job).
+    tracing::info!("shutdown: jobs drained, closing the listeners");
+    stop_serving.cancel();
+    while let Some(r) = servers.join_next().await {
+        if let Ok(Err(e)) = r {
+            result = Err(RunError::Serve(e));
         }
-        result
-    });
-    if served.is_err() {
-        result = served;
     }
-    tracing::info!("shutdown: jobs drained, stopping realtime workers");
+    tracing::info!("shutdown: stopping realtime workers");
     realtime.shutdown().await;
     tracing::info!("shutdown: stopping the collector");
     tokio::task::spawn_blocking(move || collector.stop()).await.ok();

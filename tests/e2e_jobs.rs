@@ -774,7 +774,7 @@ async fn bad_input_gets_a_json_4xx_and_leaves_nothing_behind() {
 // 7. Graceful shutdown with a job in flight.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_in_flight_sync_request_finish() {
+async fn sigterm_lets_the_in_flight_sync_request_finish_and_its_job_answered_meanwhile() {
     let svc = std::sync::Arc::new(ready(musetalk("slow", &["MUSETALK_FIXTURE_SLEEP=2".into()], &["--shutdown-grace", "20s"])).await);
     let s = svc.clone();
     let request = tokio::spawn(async move { json_of(submit(&s, good_form(), false).await).await });
@@ -790,6 +790,19 @@ async fn sigterm_lets_the_in_flight_sync_request_finish() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     svc.sigterm();
+    // Draining: readiness and admission turn new work away, while the job's follow-ups
+    // are still answered here (behind a routing proxy, only this replica can).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while svc.get("/readyz").await.status() != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(Instant::now() < deadline, "readiness never turned 503 on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, list) = get_json(&svc, "/v1/jobs").await;
+    let id = list[0]["job_id"].as_str().unwrap().to_string();
+    let (status, job) = get_json(&svc, &format!("/v1/jobs/{id}")).await;
+    assert_eq!((status, job["state"].as_str()), (StatusCode::OK, Some("running")), "{job}");
+    let (status, refused) = json_of(submit(&svc, good_form(), true).await).await;
+    assert_eq!((status, refused["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down")), "{refused}");
 
     let (status, body) = request.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}; logs:\n{}", svc.logs());

@@ -111,7 +111,7 @@ pub async fn prepare(State(st): State<AppState>, multipart: Result<Multipart, Mu
     // This preparation's own names (the job id is the generation).
     let ext = upload.extension().and_then(|e| e.to_str()).unwrap_or("mp4").to_string();
     let paths = crate::jobs::avatars::paths(&st.config.avatars_dir(), reservation.id(), &a.job.id, &ext);
-    if let Err(e) = std::fs::create_dir_all(&paths.dir).and_then(|_| std::fs::rename(&upload, &paths.source)) {
+    if let Err(e) = std::fs::create_dir_all(&paths.dir).and_then(|_| move_file(&upload, &paths.source)) {
         return Err(upload::refuse(&st, &a.job, storage_error(e, "storing the avatar video")));
     }
     let bbox = a.form.int("bbox_shift").map(|n| n as i32);
@@ -217,4 +217,20 @@ pub async fn speak(State(st): State<AppState>, UrlPath(id): UrlPath<String>, hea
         return Ok(super::stream::answer(&st, a.job.clone()).await);
     }
     Ok(respond(&a.job, &headers).await)
+}
+
+/// Renames `from` to `to`, or copies it where they are on different filesystems (the
+/// upload in the data dir, the avatar on a shared volume): through a temporary name, so
+/// `to` is never seen half-written.
+fn move_file(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let tmp = to.with_extension("partial");
+            std::fs::copy(from, &tmp).and_then(|_| std::fs::rename(&tmp, to)).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
+            std::fs::remove_file(from)
+        }
+        other => other,
+    }
 }

@@ -84,6 +84,10 @@ fn legacy_material() -> String {
     "material".into()
 }
 
+fn read_manifest(dir: &Path) -> Result<Manifest, String> {
+    std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
+}
+
 /// Where one preparation of an avatar lives (see [`Avatar`]).
 pub struct AvatarPaths {
     pub dir: PathBuf,
@@ -160,7 +164,8 @@ impl Avatar {
             state,
             error,
         };
-        let tmp = self.dir.join(format!(".{MANIFEST}.tmp"));
+        // Its own temporary name: on shared storage two instances may write at once.
+        let tmp = self.dir.join(format!(".{MANIFEST}.{}.{}.tmp", std::process::id(), uuid::Uuid::new_v4().simple()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, self.dir.join(MANIFEST))
     }
@@ -301,18 +306,36 @@ impl AvatarStore {
     /// Reads one avatar dir's manifest into an avatar (not yet in the map). A
     /// `preparing` manifest whose lock nobody holds was cut short: recorded as failed.
     fn load(&self, dir: PathBuf, name: &str) -> Found {
-        let manifest = std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
-        let m = match manifest {
-            Ok(m) if m.avatar_id == name => m,
-            Ok(m) => return Found::Foreign(m.avatar_id),
-            Err(why) => return Found::Unreadable(why),
+        let read = || match read_manifest(&dir) {
+            Ok(m) if m.avatar_id == name => Ok(m),
+            Ok(m) => Err(Found::Foreign(m.avatar_id)),
+            Err(why) => Err(Found::Unreadable(why)),
         };
+        let mut m = match read() {
+            Ok(m) => m,
+            Err(found) => return found,
+        };
+        // Shared: a preparation runs while its instance holds the lock. Whether it was cut
+        // short is decided under the lock, on the manifest as it is then (it may have
+        // become ready between the two looks).
+        let mut preparing_elsewhere = false;
+        let mut _held = None;
+        if m.state == AvatarState::Preparing && self.shared.is_some() {
+            match self.try_lock(name, true) {
+                Err(_) => preparing_elsewhere = true,
+                Ok(lock) => {
+                    _held = lock;
+                    m = match read() {
+                        Ok(m) => m,
+                        Err(found) => return found,
+                    };
+                }
+            }
+        }
         let video = dir.join(&m.video);
         // One plain name inside the avatar's dir, never `..` or a path.
         let plain = |n: &str| matches!(Path::new(n).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
         let material = dir.join(if plain(&m.material) { m.material.as_str() } else { "material" });
-        // Shared: a preparation whose instance holds the lock is running, not cut short.
-        let preparing_elsewhere = m.state == AvatarState::Preparing && self.shared.is_some() && self.try_lock(name, true).is_err();
         let failure = if m.video.is_empty() || m.video.contains('/') || !video.is_file() {
             Some((format!("its source video `{}` is missing", m.video), false))
         } else {
@@ -343,8 +366,7 @@ impl AvatarStore {
         });
         if let Some((why, record)) = failure {
             if record {
-                // Under the lock, so no instance starts preparing it meanwhile.
-                let _lock = self.try_lock(name, true);
+                // Under the lock taken above (shared storage): nobody prepares it meanwhile.
                 avatar.set_state(AvatarState::Failed, Some(why));
             } else {
                 *avatar.state.lock().unwrap_or_else(|e| e.into_inner()) = (AvatarState::Failed, Some(why));
@@ -365,8 +387,11 @@ impl AvatarStore {
         match self.load(root.join(id), id) {
             Found::Avatar(a) => {
                 let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-                let same = cached.as_ref().is_some_and(|c| c.prepare_job == a.prepare_job && c.state() == a.state());
-                if !same {
+                let current = map.get(id);
+                // This instance began preparing it meanwhile ([`insert`](Self::insert)).
+                let ours = current.is_some_and(|c| c.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+                let same = current.is_some_and(|c| c.prepare_job == a.prepare_job && c.state() == a.state());
+                if !ours && !same {
                     map.insert(id.to_string(), a);
                 }
             }
@@ -398,7 +423,7 @@ impl AvatarStore {
                     // On shared storage another instance may be creating it now (its dir
                     // made, its manifest not yet written): only a dir nobody holds is debris.
                     let Ok(_lock) = self.try_lock(&name, true) else { continue };
-                    let written_meanwhile = std::fs::read(dir.join(MANIFEST)).ok().is_some_and(|b| serde_json::from_slice::<Manifest>(&b).is_ok());
+                    let written_meanwhile = read_manifest(&dir).is_ok();
                     if written_meanwhile {
                         continue;
                     }
@@ -425,11 +450,11 @@ impl AvatarStore {
     /// exists or is reserved (on shared storage: by any instance).
     pub fn reserve(&self, id: &str) -> Result<Reservation<'_>, AvatarError> {
         self.refresh(id);
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        if map.contains_key(id) || reserved.contains(id) {
+        let taken = || self.map.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id) || self.reserved.lock().unwrap_or_else(|e| e.into_inner()).contains(id);
+        if taken() {
             return Err(AvatarError::Exists(id.to_string()));
         }
+        // The file work before the in-process locks: a slow shared mount stalls only this call.
         let lock = self.try_lock(id, true)?;
         // Another instance may have finished creating it between the look and the lock.
         if let Some(root) = &self.shared
@@ -437,7 +462,11 @@ impl AvatarStore {
         {
             return Err(AvatarError::Exists(id.to_string()));
         }
-        reserved.insert(id.to_string());
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(id) || !reserved.insert(id.to_string()) {
+            return Err(AvatarError::Exists(id.to_string()));
+        }
         Ok(Reservation { store: self, id: id.to_string(), lock })
     }
 
@@ -484,18 +513,29 @@ impl AvatarStore {
     /// deletes it meanwhile.
     pub fn ready(&self, id: &str) -> Result<AvatarLease, AvatarError> {
         self.refresh(id);
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
+        let a = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
         let (state, error) = a.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match state {
-            AvatarState::Ready => {
-                let lock = self.try_lock(id, false)?;
-                a.users.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                Ok(AvatarLease(a, lock))
-            }
-            AvatarState::Preparing => Err(AvatarError::Preparing(id.to_string())),
-            AvatarState::Failed => Err(AvatarError::Failed { id: id.to_string(), why: error.unwrap_or_default() }),
+            AvatarState::Ready => {}
+            AvatarState::Preparing => return Err(AvatarError::Preparing(id.to_string())),
+            AvatarState::Failed => return Err(AvatarError::Failed { id: id.to_string(), why: error.unwrap_or_default() }),
         }
+        let lock = self.try_lock(id, false)?;
+        // Under the shared lock nobody deletes or re-creates it: check it is still this one.
+        if let Some(root) = &self.shared {
+            match read_manifest(&root.join(id)) {
+                Ok(m) if m.prepare_job_id == a.prepare_job && m.state == AvatarState::Ready => {}
+                Ok(_) => return Err(AvatarError::BusyElsewhere(id.to_string())),
+                Err(_) => return Err(AvatarError::NotFound(id.to_string())),
+            }
+        }
+        // Counted under the map's lock, which remove() checks the count under.
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.get(id).is_some_and(|b| Arc::ptr_eq(b, &a)) {
+            return Err(AvatarError::NotFound(id.to_string()));
+        }
+        a.users.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(AvatarLease(a, lock))
     }
 
     pub fn list(&self) -> Vec<AvatarInfo> {
@@ -518,16 +558,22 @@ impl AvatarStore {
     /// shared storage, also while any instance prepares it or speaks for it.
     pub fn remove(&self, id: &str) -> Result<(), AvatarError> {
         self.refresh(id);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
-        if a.state() == AvatarState::Preparing {
-            return Err(AvatarError::Preparing(id.to_string()));
-        }
-        let speaks = a.users();
-        if speaks > 0 {
-            return Err(AvatarError::Busy { id: id.to_string(), speaks });
-        }
+        let check = |map: &HashMap<String, Arc<Avatar>>| {
+            let a = map.get(id).cloned().ok_or_else(|| AvatarError::NotFound(id.to_string()))?;
+            if a.state() == AvatarState::Preparing {
+                return Err(AvatarError::Preparing(id.to_string()));
+            }
+            match a.users() {
+                0 => Ok(a),
+                speaks => Err(AvatarError::Busy { id: id.to_string(), speaks }),
+            }
+        };
+        check(&self.map.lock().unwrap_or_else(|e| e.into_inner()))?;
+        // Shared: no instance speaks for it or prepares it while it is removed (a speak
+        // here holds the lock shared too, so a lease taken since is refused here).
         let lock = self.try_lock(id, true)?;
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let a = check(&map)?;
         map.remove(id);
         // Held while the files go: a new preparation of this id waits for the dir to be gone.
         self.reserved.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());

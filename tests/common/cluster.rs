@@ -57,7 +57,11 @@ impl Cluster {
     }
 
     pub async fn up(extra: &[String]) -> Cluster {
-        let mut c = Cluster { state: tempfile::tempdir().unwrap(), shared: tempfile::tempdir().unwrap(), proxy: free_port(), pids: BTreeMap::new(), addrs: BTreeMap::new(), client: reqwest::Client::new() };
+        // The shared dir on another filesystem than the replicas' data dirs where there is one
+        // (as a volume is on Kubernetes): uploads then move across filesystems.
+        let shm = Path::new("/dev/shm");
+        let shared = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+        let mut c = Cluster { state: tempfile::tempdir().unwrap(), shared, proxy: free_port(), pids: BTreeMap::new(), addrs: BTreeMap::new(), client: reqwest::Client::new() };
         let mut cmd = c.script();
         cmd.args(["up", "--replicas", "3", "--port", &c.proxy.to_string(), "--shared"]).arg(c.shared.path()).arg("--").args(extra);
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
