@@ -4,7 +4,7 @@
 # NVIDIA GPU and stay ignored. Extra arguments go to `cargo test`.
 #
 # On a fresh Debian machine with only Rust, missing system tools (ffmpeg, ffprobe, FFmpeg's
-# -dev packages and libclang for the probe helper's build,
+# -dev packages and libclang for the probe helper's build, nginx for the multi-replica tests,
 # prometheus, promtool, python3-yaml, chromium and chromedriver for the status page's
 # browser test, curl for the README's quick start, py-spy for the profiling tests) are
 # installed when running as root (py-spy with pip); otherwise the command to install them
