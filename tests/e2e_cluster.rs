@@ -143,6 +143,10 @@ fn nginx_present() -> bool {
 async fn three_replicas_of_the_preview_engine_behind_nginx() {
     assert!(nginx_present(), "nginx is needed (scripts/ensure-deps.sh nginx)");
     let mut c = Cluster::up(&["--queue-size".into(), "64".into(), "--max-concurrent-jobs".into(), "2".into()]).await;
+    // `check` on the replicas' shared dir: writable, and its locks work.
+    let out = Command::new(env!("CARGO_BIN_EXE_musetalk-sidecar")).arg("check").arg("--shared-dir").arg(c.shared.path()).env("NO_COLOR", "1").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("ok") && l.contains("shared dir") && l.contains("flock works")), "{text}");
     jobs_and_follow_ups(&c).await;
     avatars_and_a_replica_lost(&mut c).await;
 }

@@ -208,6 +208,9 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
         p.print(o);
     }
     p.print(data_dir(&config.data_dir));
+    if let Some(dir) = &config.shared_dir {
+        p.print(shared_dir(dir));
+    }
     p.print(listen("listen", "--listen", config.listen));
     if let Some(addr) = config.admin_listen {
         p.print(listen("admin listen", "--admin-listen", addr));
@@ -400,6 +403,27 @@ async fn media_probe(config: &Config) -> Outcome {
             "media probe",
             why,
             "build musetalk-probe-helper (scripts/run.sh and `cargo build --release` put it next to musetalk-sidecar; it needs FFmpeg's libraries: apt-get install ffmpeg), or say --probe-helper off",
+        ),
+    }
+}
+
+/// The shared dir (`--shared-dir`) takes files and `flock` locks: what replicas sharing
+/// avatars rely on (docs/cluster.md).
+fn shared_dir(dir: &Path) -> Outcome {
+    let name = "shared dir";
+    let locks = dir.join("avatars").join(".locks");
+    let probe = locks.join(".check");
+    let file = std::fs::create_dir_all(&locks).and_then(|_| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&probe));
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return fail(name, format!("{}: cannot create files there ({e})", dir.display()), "mount a writable ReadWriteMany volume there (every replica the same), or fix its permissions for this user"),
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(_) => ok(name, format!("{}: writable, flock works (avatars shared across replicas)", dir.display())),
+        Err((_, e)) => fail(
+            name,
+            format!("{}: flock fails ({e}): replicas could prepare or delete the same avatar at once", dir.display()),
+            "use storage with locks across clients (NFSv4, CephFS, a cloud file store with POSIX locks; NFSv3 needs lockd)",
         ),
     }
 }
