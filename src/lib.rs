@@ -83,6 +83,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         tracing::info!(ready = restored.ready, failed = restored.failed, removed = restored.removed, "restored the avatars of an earlier run");
     }
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
+    let unpublish = CancellationToken::new();
+    let published = tokio::spawn(jobs.clone().publish_list_loop(unpublish.clone()));
     tokio::spawn(probe_backend(backend.clone(), state.backend_status.clone(), shutdown.clone()));
     // Says how uploads will be probed, and has the first helper ready before the first upload.
     let prober = jobs.prober().clone();
@@ -134,6 +136,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     // Then the servers finish their in-flight requests (a synchronous inference request
     // ended with its job).
     tracing::info!("shutdown: jobs drained, closing the listeners");
+    unpublish.cancel();
+    let _ = published.await;
     stop_serving.cancel();
     while let Some(r) = servers.join_next().await {
         if let Ok(Err(e)) = r {

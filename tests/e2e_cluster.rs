@@ -52,6 +52,23 @@ async fn jobs_and_follow_ups(c: &Cluster) {
             wrong.push(format!("{id} events: {status} {text}"));
         }
     }
+    // The list is the cluster's, from any replica (each publishes its own every second).
+    for _ in 0..3 {
+        let want: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, list) = c.json(c.client.get(c.url("/v1/jobs"))).await;
+            assert_eq!(status, StatusCode::OK);
+            let listed: BTreeSet<&str> = list.as_array().unwrap().iter().filter_map(|j| j["job_id"].as_str()).collect();
+            if want.is_subset(&listed) {
+                let created: Vec<&str> = list.as_array().unwrap().iter().filter_map(|j| j["created_at"].as_str()).collect();
+                assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "GET /v1/jobs misses {:?}", want.difference(&listed).collect::<Vec<_>>());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     // Cancels reach the owner: 200 while it runs, 409 once it ended; never a 404.
     for _ in 0..6 {
         let id = c.submit().await;

@@ -221,15 +221,17 @@ fn find(st: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
     Err(ApiError::not_found("job_not_found", format!("no job `{id}` (finished jobs are kept for --job-retention)")))
 }
 
-/// Lists every job still kept, newest first.
+/// Lists every job still kept, newest first (behind a proxy with `--shared-dir`: every
+/// replica's, docs/cluster.md).
 #[utoipa::path(
     get,
     path = "/v1/jobs",
     tag = "jobs",
-    responses((status = 200, description = "Every kept job's status, newest first", body = Vec<crate::jobs::JobStatus>))
+    responses((status = 200, description = "Every kept job's status, newest first; with replicas sharing a dir, the jobs of every replica alive", body = Vec<crate::jobs::JobStatus>))
 )]
-pub async fn list(State(st): State<AppState>) -> Json<Vec<crate::jobs::JobStatus>> {
-    Json(st.jobs.list().iter().map(|j| j.status()).collect())
+pub async fn list(State(st): State<AppState>) -> Json<Vec<serde_json::Value>> {
+    let jobs = st.jobs.clone();
+    Json(tokio::task::spawn_blocking(move || jobs.cluster_list()).await.unwrap_or_default())
 }
 
 /// A job's state, current stage, progress and step timings so far.

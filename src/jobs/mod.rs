@@ -6,6 +6,7 @@
 //! `musetalk_step_duration_seconds` observation with the trace id as exemplar.
 
 pub mod avatars;
+mod cluster;
 pub mod metrics;
 pub mod report;
 mod run;
