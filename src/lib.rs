@@ -119,6 +119,9 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
                 .into_future(),
         );
     }
+    // Before "listening" is said: a SIGTERM that follows that line must find the handlers
+    // installed (before them, it would kill the process with no drain and no flush).
+    let signals = install_signals();
     tracing::info!(
         addr = %local,
         admin_addr = admin_local.map(|a| a.to_string()).unwrap_or_else(|| "same listener".into()),
@@ -126,7 +129,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         exporting = state.exporting,
         "listening on http://{local}"
     );
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(watch_signals(signals, shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutdown: no longer accepting jobs, draining (still answering for the jobs here)");
@@ -176,13 +179,23 @@ pub fn build_state(config: Arc<Config>, metrics: Arc<Metrics>, collector: collec
     }
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-async fn watch_signals(token: CancellationToken) {
+type Signals = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+/// SIGTERM's and SIGINT's handlers, installed now.
+fn install_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the service with SIGKILL");
-        return;
-    };
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the service with SIGKILL");
+            None
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn watch_signals(signals: Signals, token: CancellationToken) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
