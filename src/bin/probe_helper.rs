@@ -212,7 +212,7 @@ fn answer(path: &Path, query: Query) -> Reply {
     let format = ProbeFormat {
         format_name: Some(ictx.format().name().to_string()),
         // SAFETY: a field read of the open context.
-        duration: Some(unsafe { (*ictx.as_ptr()).duration }).filter(|d| *d != ffi::AV_NOPTS_VALUE).map(|d| format!("{:.6}", d as f64 / f64::from(ffi::AV_TIME_BASE))),
+        duration: Some(unsafe { (*ictx.as_ptr()).duration }).filter(|d| *d != ffi::AV_NOPTS_VALUE).map(|d| format!("{:.6}", secs(d, ff::rescale::TIME_BASE))),
     };
     drop(decoders);
     drop(ictx);
@@ -262,8 +262,7 @@ fn read(ictx: &mut ff::format::context::Input, selected: &[bool], time_bases: &[
         if let Some(out) = packets.as_deref_mut()
             && let Some(pts) = pkt.pts()
         {
-            let secs = |v: i64| v as f64 * f64::from(tb.numerator()) / f64::from(tb.denominator());
-            out.push((secs(pts), secs(pkt.duration())));
+            out.push((secs(pts, tb), secs(pkt.duration(), tb)));
         }
         if let Some(Some(dec)) = decoders.as_deref_mut().and_then(|d| d.get_mut(idx)) {
             decoded += decode(dec, &pkt, &mut frame);
@@ -346,7 +345,12 @@ fn stream_facts(st: &ff::format::stream::Stream) -> ProbeStream {
         avg_frame_rate: Some(q(st.avg_frame_rate())),
         r_frame_rate: Some(q(st.rate())),
         nb_frames: (st.frames() != 0).then(|| st.frames().to_string()),
-        duration: (st.duration() != ffi::AV_NOPTS_VALUE).then(|| format!("{:.6}", st.duration() as f64 * f64::from(tb.numerator()) / f64::from(tb.denominator()))),
+        duration: (st.duration() != ffi::AV_NOPTS_VALUE).then(|| format!("{:.6}", secs(st.duration(), tb))),
         side_data_list,
     }
+}
+
+/// A timestamp in `tb` units, in seconds (ffprobe's print_time).
+fn secs(v: i64, tb: ff::Rational) -> f64 {
+    v as f64 * f64::from(tb.numerator()) / f64::from(tb.denominator())
 }

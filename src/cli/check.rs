@@ -202,7 +202,9 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     if let Some(o) = encoders(&config.ffmpeg).await {
         p.print(o);
     }
-    p.print(media_probe(&config).await);
+    // One prober for this line and the trial job: one helper started, not two.
+    let prober = crate::pipeline::prober::Prober::new(&config);
+    p.print(media_probe(&prober).await);
     p.print(nvml(args.require_gpu));
     for o in py_spy(&config) {
         p.print(o);
@@ -241,7 +243,7 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     // "ready" only once the backend has done what a job asks of it. After a failure
     // above the verdict is "not ready" already, and the trial would only repeat it.
     if p.counts[Level::Fail as usize] == 0 {
-        p.print(backend_works(&config).await);
+        p.print(backend_works(&config, &prober).await);
     }
 
     let [oks, warns, fails] = p.counts;
@@ -279,7 +281,7 @@ fn check_config(config: Config, p: &mut Printer) -> Config {
 
 /// The backend does a job: preview runs a real 1 s trial job (the pipeline, end to end);
 /// the model backends, whose one run costs minutes of GPU, answer their readiness probe.
-async fn backend_works(config: &Config) -> Outcome {
+async fn backend_works(config: &Config, prober: &crate::pipeline::prober::Prober) -> Outcome {
     let backend = crate::pipeline::build(config);
     if !backend.cheap_trial() {
         return match backend.probe().await {
@@ -287,7 +289,7 @@ async fn backend_works(config: &Config) -> Outcome {
             Err(e) => fail("backend", format!("{} backend not ready: {e}", backend.name()), "`serve` answers /readyz 503 with this reason until it is fixed; the MuseTalk lines above say what the backend needs"),
         };
     }
-    match crate::pipeline::trial::run(config, backend.as_ref()).await {
+    match crate::pipeline::trial::run(config, prober, backend.as_ref()).await {
         Ok(t) => ok("trial job", format!("a 1 s preview job succeeded in {:.2} s ({:.2} s of video, {})", t.seconds, t.output_seconds, human_bytes(t.output_bytes))),
         Err(e) => fail(
             "trial job",
@@ -396,8 +398,8 @@ fn py_spy(config: &Config) -> Vec<Outcome> {
 }
 
 /// The persistent probe helper starts (each upload then costs no ffprobe start).
-async fn media_probe(config: &Config) -> Outcome {
-    match crate::pipeline::prober::Prober::new(config).describe().await {
+async fn media_probe(prober: &crate::pipeline::prober::Prober) -> Outcome {
+    match prober.describe().await {
         Ok(d) => ok("media probe", format!("persistent helper {d}")),
         Err(why) => warn(
             "media probe",

@@ -131,9 +131,14 @@ pub fn parse_probe(json: &str, size_bytes: u64) -> Result<MediaInfo, ProbeError>
 
 /// [`parse_probe`], and how many frames ffprobe decoded.
 fn parse_probe_frames(json: &str, size_bytes: u64) -> Result<(MediaInfo, usize), ProbeError> {
-    let p: Probe = serde_json::from_str(json).map_err(|e| ProbeError::Unreadable(format!("unexpected ffprobe output: {e}")))?;
+    let p = parse_report(json)?;
     let decoded = p.frames.len();
     Ok((interpret(p, size_bytes), decoded))
+}
+
+/// ffprobe's `-of json` report.
+pub fn parse_report(json: &str) -> Result<Probe, ProbeError> {
+    serde_json::from_str(json).map_err(|e| ProbeError::Unreadable(format!("unexpected ffprobe output: {e}")))
 }
 
 /// What a probe's report means for a job: which streams count, the displayed size, the

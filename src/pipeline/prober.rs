@@ -189,7 +189,10 @@ impl Prober {
             "auto" => std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(HELPER_NAME))).filter(|p| p.is_file()),
             path => Some(PathBuf::from(path)),
         };
-        Prober { ffprobe: config.ffprobe.clone(), limit: config.probe_timeout, helpers: program.map(Pool::new), families: None }
+        match program {
+            Some(p) => Self::helper(&p, &config.ffprobe, config.probe_timeout),
+            None => Self::ffprobe(&config.ffprobe, config.probe_timeout),
+        }
     }
 
     /// Counts every query in `families` (`musetalk_media_probes_total`).
@@ -225,35 +228,41 @@ impl Prober {
 
     /// Answers `query` about `path`, within `--probe-timeout`.
     pub async fn ask(&self, query: Query, path: &Path) -> Result<Answer, ProbeError> {
-        if let Some(pool) = self.helpers.as_ref().filter(|p| p.unusable().is_none()) {
-            let req = Request { id: pool.next_id.fetch_add(1, Ordering::Relaxed), path: path.to_path_buf(), query };
-            if let Some(mut answer) = pool.ask(&req, self.limit).await {
-                // A crash is the file's doing only if ffprobe cannot read it either.
-                if matches!(answer, Err(ProbeError::Crashed(_))) {
-                    match self.ffprobe_ask(query, path).await {
-                        Ok(fine) => {
-                            if pool.innocent_crashes.fetch_add(1, Ordering::Relaxed) + 1 >= INNOCENT_CRASHES {
-                                pool.give_up(format!("{INNOCENT_CRASHES} probe helpers in a row died on files ffprobe reads"));
-                            }
-                            answer = Ok(fine);
-                        }
-                        Err(ProbeError::Spawn(_)) => {}
-                        Err(_) => pool.innocent_crashes.store(0, Ordering::Relaxed),
-                    }
-                } else if answer.is_ok() {
-                    pool.innocent_crashes.store(0, Ordering::Relaxed);
-                }
-                if let Some(f) = &self.families {
-                    f.count("helper", &answer);
-                }
-                return answer;
-            }
-        }
-        let answer = self.ffprobe_ask(query, path).await;
+        let (via, answer) = match self.helper_ask(query, path).await {
+            Some(answer) => ("helper", answer),
+            None => ("ffprobe", self.ffprobe_ask(query, path).await),
+        };
         if let Some(f) = &self.families {
-            f.count("ffprobe", &answer);
+            f.count(via, &answer);
         }
         answer
+    }
+
+    /// `None`: no helper took it (none configured, set aside, or none could start).
+    async fn helper_ask(&self, query: Query, path: &Path) -> Option<Result<Answer, ProbeError>> {
+        let pool = self.helpers.as_ref().filter(|p| p.unusable().is_none())?;
+        let req = Request { id: pool.next_id.fetch_add(1, Ordering::Relaxed), path: path.to_path_buf(), query };
+        let answer = pool.ask(&req, self.limit).await?;
+        if !matches!(answer, Err(ProbeError::Crashed(_))) {
+            if answer.is_ok() {
+                pool.innocent_crashes.store(0, Ordering::Relaxed);
+            }
+            return Some(answer);
+        }
+        // A crash is the file's doing only if ffprobe cannot read it either.
+        Some(match self.ffprobe_ask(query, path).await {
+            Ok(fine) => {
+                if pool.innocent_crashes.fetch_add(1, Ordering::Relaxed) + 1 >= INNOCENT_CRASHES {
+                    pool.give_up(format!("{INNOCENT_CRASHES} probe helpers in a row died on files ffprobe reads"));
+                }
+                Ok(fine)
+            }
+            Err(ProbeError::Spawn(_)) => answer,
+            Err(_) => {
+                pool.innocent_crashes.store(0, Ordering::Relaxed);
+                answer
+            }
+        })
     }
 
     async fn ffprobe_ask(&self, query: Query, path: &Path) -> Result<Answer, ProbeError> {
@@ -277,7 +286,7 @@ impl Prober {
         if let Query::Packets { .. } = query {
             return Ok(Answer { span: media::packet_span(&stdout), errors, ..Answer::default() });
         }
-        let probe: Probe = serde_json::from_str(&stdout).map_err(|e| ProbeError::Unreadable(format!("unexpected ffprobe output: {e}")))?;
+        let probe = media::parse_report(&stdout)?;
         Ok(Answer { decoded: probe.frames.len(), probe, span: None, errors })
     }
 }

@@ -64,14 +64,13 @@ async fn make(ffmpeg: &Path, lavfi: &str, extra: &[&str], out: &Path) -> Result<
 
 /// Runs `backend` once on a generated 1 s clip and its 1 s audio; `Err` says which step
 /// failed and why, in the words a failed job would use.
-pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String> {
+pub async fn run(config: &Config, prober: &super::prober::Prober, backend: &dyn Backend) -> Result<Trial, String> {
     let dir = TempDir::new().map_err(|e| format!("cannot create a temporary directory in {}: {e}", std::env::temp_dir().display()))?;
     let (video, audio) = (dir.0.join("trial-video.mp4"), dir.0.join("trial-audio.wav"));
     make(&config.ffmpeg, "testsrc=size=64x64:rate=25", &["-pix_fmt", "yuv420p", "-c:v", "libx264"], &video).await?;
     make(&config.ffmpeg, "sine=frequency=440:sample_rate=16000", &[], &audio).await?;
-    let prober = super::prober::Prober::new(config);
-    let video_info = media::probe_decoding(&prober, &video, true).await.map_err(|e| format!("file_processing: the trial video: {e}"))?;
-    let audio_info = media::probe_decoding(&prober, &audio, false).await.map_err(|e| format!("file_processing: the trial audio: {e}"))?;
+    let video_info = media::probe_decoding(prober, &video, true).await.map_err(|e| format!("file_processing: the trial video: {e}"))?;
+    let audio_info = media::probe_decoding(prober, &audio, false).await.map_err(|e| format!("file_processing: the trial audio: {e}"))?;
     let job = JobInput { job_id: "trial".into(), dir: dir.0.join("job"), video, audio, video_info, audio_info, bbox_shift: None, batch_size: None, avatar_id: None, profile: false, stream: false };
     std::fs::create_dir_all(&job.dir).map_err(|e| format!("cannot create {}: {e}", job.dir.display()))?;
 
@@ -94,7 +93,7 @@ pub async fn run(config: &Config, backend: &dyn Backend) -> Result<Trial, String
         super::PipelineError::Failed { .. } => format!("subprocess_execution: {e}"),
         e => format!("output_discovery: {e}"),
     })?;
-    let out = media::probe(&prober, &output).await.map_err(|e| format!("output_discovery: the trial output {}: {e}", output.display()))?;
+    let out = media::probe(prober, &output).await.map_err(|e| format!("output_discovery: the trial output {}: {e}", output.display()))?;
     if !out.has_video {
         return Err(format!("output_discovery: the trial output {} has no video stream", output.display()));
     }
