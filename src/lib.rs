@@ -83,8 +83,9 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
         tracing::info!(ready = restored.ready, failed = restored.failed, removed = restored.removed, "restored the avatars of an earlier run");
     }
     tokio::spawn(jobs.clone().retention_loop(shutdown.clone()));
-    let unpublish = CancellationToken::new();
-    let published = tokio::spawn(jobs.clone().publish_list_loop(unpublish.clone()));
+    // Cancelled once the jobs have drained: the job list is taken back and the listeners close.
+    let drained = CancellationToken::new();
+    let published = tokio::spawn(jobs.clone().publish_list_loop(drained.clone()));
     tokio::spawn(probe_backend(backend.clone(), state.backend_status.clone(), shutdown.clone()));
     // Says how uploads will be probed, and has the first helper ready before the first upload.
     let prober = jobs.prober().clone();
@@ -101,8 +102,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     // The listeners close once the jobs have drained, not at SIGTERM: behind a routing
     // proxy, a draining replica still answers for the jobs it owns (their status, report,
     // output, events) while readiness and admission already turn new work away.
-    let stop_serving = CancellationToken::new();
-    let graceful = stop_serving.clone();
+    let graceful = drained.clone();
     servers.spawn(
         axum::serve(listener, http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move { graceful.cancelled().await })
@@ -112,7 +112,7 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     if let Some(addr) = config.admin_listen {
         let admin = TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
         admin_local = Some(admin.local_addr().map_err(RunError::Serve)?);
-        let graceful = stop_serving.clone();
+        let graceful = drained.clone();
         servers.spawn(
             axum::serve(admin, http::admin_router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
@@ -139,9 +139,8 @@ pub async fn run(config: Config, telemetry: TelemetryGuard, shutdown: Cancellati
     // Then the servers finish their in-flight requests (a synchronous inference request
     // ended with its job).
     tracing::info!("shutdown: jobs drained, closing the listeners");
-    unpublish.cancel();
+    drained.cancel();
     let _ = published.await;
-    stop_serving.cancel();
     while let Some(r) = servers.join_next().await {
         if let Ok(Err(e)) = r {
             result = Err(RunError::Serve(e));

@@ -210,8 +210,8 @@ async fn run(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
         p.print(o);
     }
     p.print(data_dir(&config.data_dir));
-    if let Some(dir) = &config.shared_dir {
-        p.print(shared_dir(dir));
+    if config.shared_dir.is_some() {
+        p.print(shared_dir(&config));
     }
     p.print(listen("listen", "--listen", config.listen));
     if let Some(addr) = config.admin_listen {
@@ -411,20 +411,16 @@ async fn media_probe(prober: &crate::pipeline::prober::Prober) -> Outcome {
 
 /// The shared dir (`--shared-dir`) takes files and `flock` locks: what replicas sharing
 /// avatars rely on (docs/cluster.md).
-fn shared_dir(dir: &Path) -> Outcome {
+fn shared_dir(config: &Config) -> Outcome {
     let name = "shared dir";
-    let locks = dir.join("avatars").join(".locks");
-    let probe = locks.join(".check");
-    let file = std::fs::create_dir_all(&locks).and_then(|_| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&probe));
-    let file = match file {
-        Ok(f) => f,
-        Err(e) => return fail(name, format!("{}: cannot create files there ({e})", dir.display()), "mount a writable ReadWriteMany volume there (every replica the same), or fix its permissions for this user"),
-    };
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(_) => ok(name, format!("{}: writable, flock works (avatars shared across replicas)", dir.display())),
-        Err((_, e)) => fail(
+    let dir = config.shared_dir.as_deref().unwrap_or(&config.data_dir).display();
+    // The lock the avatar store takes, on a name no avatar can have.
+    match crate::jobs::avatars::lock_file(&config.avatars_dir(), ".check", true) {
+        Ok(_) => ok(name, format!("{dir}: writable, flock works (avatars shared across replicas)")),
+        Err(crate::jobs::avatars::LockFailure::Io(e)) => fail(name, format!("{dir}: cannot create files there ({e})"), "mount a writable ReadWriteMany volume there (every replica the same), or fix its permissions for this user"),
+        Err(crate::jobs::avatars::LockFailure::Held(e)) => fail(
             name,
-            format!("{}: flock fails ({e}): replicas could prepare or delete the same avatar at once", dir.display()),
+            format!("{dir}: flock fails ({e}): replicas could prepare or delete the same avatar at once"),
             "use storage with locks across clients (NFSv4, CephFS, a cloud file store with POSIX locks; NFSv3 needs lockd)",
         ),
     }

@@ -84,6 +84,27 @@ fn legacy_material() -> String {
     "material".into()
 }
 
+/// The cross-instance locks' dir inside the avatars' root.
+const LOCKS: &str = ".locks";
+
+/// Why [`lock_file`] did not lock.
+#[derive(Debug)]
+pub enum LockFailure {
+    /// The lock file cannot be made or opened.
+    Io(std::io::Error),
+    /// Another holder conflicts (or the filesystem refuses `flock`).
+    Held(nix::errno::Errno),
+}
+
+/// Locks `name` in the avatars' `root` without waiting (`{root}/.locks/{name}`): the
+/// lock every instance sharing `root` takes, and `check` tries.
+pub fn lock_file(root: &Path, name: &str, exclusive: bool) -> Result<AvatarLock, LockFailure> {
+    let dir = root.join(LOCKS);
+    let file = std::fs::create_dir_all(&dir).and_then(|_| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(name))).map_err(LockFailure::Io)?;
+    let how = if exclusive { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
+    Flock::lock(file, how).map_err(|(_, e)| LockFailure::Held(e))
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest, String> {
     std::fs::read(dir.join(MANIFEST)).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
 }
@@ -123,6 +144,11 @@ pub struct AvatarInfo {
 }
 
 impl Avatar {
+    /// This instance prepares it now (it holds the exclusive lock).
+    fn preparing_here(&self) -> bool {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     pub fn material_dir(&self) -> PathBuf {
         self.material.clone()
     }
@@ -293,14 +319,12 @@ impl AvatarStore {
     /// is not shared, `Err` when another holder conflicts.
     fn try_lock(&self, id: &str, exclusive: bool) -> Result<Option<AvatarLock>, AvatarError> {
         let Some(root) = &self.shared else { return Ok(None) };
-        let dir = root.join(".locks");
-        let file = std::fs::create_dir_all(&dir).and_then(|_| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(id)));
-        let file = file.map_err(|e| {
-            tracing::warn!(avatar = id, "cannot open the avatar's lock file in {}: {e}", dir.display());
+        lock_file(root, id, exclusive).map(Some).map_err(|e| {
+            if let LockFailure::Io(e) = e {
+                tracing::warn!(avatar = id, "cannot open the avatar's lock file in {}: {e}", root.join(LOCKS).display());
+            }
             AvatarError::BusyElsewhere(id.to_string())
-        })?;
-        let how = if exclusive { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
-        Flock::lock(file, how).map(Some).map_err(|_| AvatarError::BusyElsewhere(id.to_string()))
+        })
     }
 
     /// Reads one avatar dir's manifest into an avatar (not yet in the map). A
@@ -381,7 +405,19 @@ impl AvatarStore {
         let Some(root) = &self.shared else { return };
         let cached = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
         // This instance's own preparation writes the manifest: nothing to learn from it.
-        if cached.as_ref().is_some_and(|a| a.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some()) {
+        if cached.as_ref().is_some_and(|a| a.preparing_here()) {
+            return;
+        }
+        // The manifest says what the cache holds: nothing to rebuild. (A `preparing` one
+        // is loaded again: whether it was cut short is decided by its lock.)
+        if let Some(c) = &cached
+            && let Ok(m) = read_manifest(&root.join(id))
+            && m.state != AvatarState::Preparing
+            && m.prepare_job_id == c.prepare_job
+            && m.engine == c.engine
+            && c.video.is_file()
+            && (m.state == c.state() || (m.state == AvatarState::Ready && m.engine != self.engine))
+        {
             return;
         }
         match self.load(root.join(id), id) {
@@ -389,7 +425,7 @@ impl AvatarStore {
                 let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
                 let current = map.get(id);
                 // This instance began preparing it meanwhile ([`insert`](Self::insert)).
-                let ours = current.is_some_and(|c| c.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+                let ours = current.is_some_and(|c| c.preparing_here());
                 let same = current.is_some_and(|c| c.prepare_job == a.prepare_job && c.state() == a.state());
                 if !ours && !same {
                     map.insert(id.to_string(), a);

@@ -4,9 +4,9 @@
 //! job itself is only ever answered by its owner (the proxy routes its id there); the
 //! list is the one view that needs them all (docs/cluster.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -19,16 +19,24 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// (their ids answer 503 at the proxy), so they are not listed.
 const STALE: Duration = Duration::from_secs(10);
 
-/// `{shared}/jobs/{instance}.json`.
+/// `{shared}/jobs/{instance}.json`; its modification time says the replica is alive.
 #[derive(Serialize, Deserialize)]
 struct Published {
     instance: String,
-    updated_unix_ms: u64,
     jobs: Vec<serde_json::Value>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+/// Writes `bytes` as `file` (through a name of its own and a rename: readers never see
+/// half a list), or, when they are what was written last, only marks the file fresh.
+fn publish(file: &Path, bytes: &[u8], last: &mut Vec<u8>) -> std::io::Result<()> {
+    if bytes == last.as_slice() && file.is_file() {
+        return std::fs::File::options().write(true).open(file)?.set_modified(SystemTime::now());
+    }
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)?;
+    *last = bytes.to_vec();
+    Ok(())
 }
 
 impl JobManager {
@@ -40,13 +48,18 @@ impl JobManager {
     /// Publishes this replica's list every second until `stop`, then takes it back.
     pub async fn publish_list_loop(self: Arc<Self>, stop: CancellationToken) {
         let Some((dir, name)) = self.published_dir() else { return };
-        let file = dir.join(format!("{name}.json"));
+        let file = Arc::new(dir.join(format!("{name}.json")));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), "cannot publish this replica's job list (GET /v1/jobs elsewhere will miss its jobs): {e}");
+            return;
+        }
+        let last = Arc::new(std::sync::Mutex::new(Vec::new()));
         loop {
-            let list = Published { instance: name.to_string(), updated_unix_ms: now_ms(), jobs: self.own_statuses() };
-            // Under a name of its own, then renamed: readers never see half a list.
-            let tmp = dir.join(format!(".{name}.json.tmp"));
-            let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&tmp, serde_json::to_vec(&list).unwrap_or_default())).and_then(|_| std::fs::rename(&tmp, &file));
-            if let Err(e) = written {
+            let bytes = serde_json::to_vec(&Published { instance: name.to_string(), jobs: self.own_statuses() }).unwrap_or_default();
+            // File work on a shared volume: off the runtime's threads.
+            let (f, l) = (file.clone(), last.clone());
+            let written = tokio::task::spawn_blocking(move || publish(&f, &bytes, &mut l.lock().unwrap_or_else(|e| e.into_inner()))).await;
+            if let Ok(Err(e)) = written {
                 tracing::warn!(dir = %dir.display(), "cannot publish this replica's job list (GET /v1/jobs elsewhere will miss its jobs): {e}");
             }
             tokio::select! {
@@ -55,7 +68,7 @@ impl JobManager {
             }
         }
         // Drained: its jobs leave the cluster's list with it.
-        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&*file);
     }
 
     fn own_statuses(&self) -> Vec<serde_json::Value> {
@@ -67,20 +80,18 @@ impl JobManager {
     pub fn cluster_list(&self) -> Vec<serde_json::Value> {
         let mut all = self.own_statuses();
         if let Some((dir, name)) = self.published_dir() {
-            let fresh = now_ms().saturating_sub(STALE.as_millis() as u64);
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = entry.path();
                 if path.extension().is_none_or(|e| e != "json") || path.file_stem().is_some_and(|s| s == name) {
                     continue;
                 }
-                let Ok(list) = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Published>(&b).map_err(|e| e.to_string())) else { continue };
-                if list.updated_unix_ms >= fresh {
+                let alive = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age < STALE);
+                if let Some(list) = alive.then(|| std::fs::read(&path).ok()).flatten().and_then(|b| serde_json::from_slice::<Published>(&b).ok()) {
                     all.extend(list.jobs);
                 }
             }
         }
-        let key = |v: &serde_json::Value| v["created_at"].as_str().unwrap_or_default().to_string();
-        all.sort_by_key(|v| std::cmp::Reverse(key(v)));
+        all.sort_by_cached_key(|v| std::cmp::Reverse(v["created_at"].as_str().unwrap_or_default().to_string()));
         all
     }
 }
