@@ -146,7 +146,9 @@ impl Latency {
         }
     }
 
-    /// The metric labels of this job's latency figures.
+    /// The metric labels of this job's latency figures, from the report's words (the
+    /// runner passes the labels it made them from; this checks they round-trip).
+    #[cfg(test)]
     pub fn labels(&self, mode: &'static str) -> super::metrics::LatencyLabels {
         let bucket = super::metrics::BATCH_BUCKETS.into_iter().find(|b| *b == self.batch_size).unwrap_or("default");
         super::metrics::LatencyLabels { mode, version: self.version.clone(), fp16: if self.fp16 { "true" } else { "false" }, batch_size: bucket, worker: self.worker.clone() }

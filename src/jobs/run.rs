@@ -600,7 +600,9 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
         resources.tree = m.collector.window(w0, w1, rec.tree_key).tree;
     }
     let _ = scope.close(m, job, &mut rec, Ok(()));
-    let mut report = build_report(m, job, inputs, &rec, state, error, resources);
+    // The configuration labels, once: the report states them, the metrics carry them.
+    let labels = latency_labels(m, job, inputs.batch_size, &rec);
+    let mut report = build_report(m, job, inputs, &rec, state, error, resources, labels.clone());
     report.profile = profile;
     // Retry-After learns from jobs that ran to the end: a cancelled or failed job's
     // seconds say nothing of how long the next one takes, nor does an avatar's preparation.
@@ -608,7 +610,7 @@ fn finish(m: &JobManager, job: &Job, inputs: &JobInput, mut rec: Record, result:
         m.observe_processing(job.mode, report.total_seconds - report.queue_seconds);
     }
     record_job_span(job, inputs, &report);
-    record_job_metrics(m, job, state, &report);
+    record_job_metrics(m, job, state, &report, labels);
     match &report.error {
         None => tracing::info!(parent: &job.span(), job_id = %job.id, seconds = report.total_seconds, "job succeeded"),
         Some(e) => tracing::warn!(parent: &job.span(), job_id = %job.id, step = %e.step, "job {}: {}", state.as_str(), e.message),
@@ -642,7 +644,7 @@ fn profile_report(m: &JobManager, job: &Job, stage_windows: &[(String, SystemTim
 }
 
 /// The per-request report, from what the runner recorded.
-fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, state: JobState, error: Option<ErrorInfo>, resources: crate::collector::Window) -> Report {
+fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, state: JobState, error: Option<ErrorInfo>, resources: crate::collector::Window, labels: LatencyLabels) -> Report {
     let total = job.created_at.elapsed().as_secs_f64();
     let processing = total - rec.queue_seconds;
     let steps = report::timings(&rec.steps, total);
@@ -657,7 +659,7 @@ fn build_report(m: &JobManager, job: &Job, inputs: &JobInput, rec: &Record, stat
         per_output_second: rec.output_seconds.filter(|o| *o > 0.0).map(|o| joules / o),
     });
     let live = job.live();
-    let latency = report::Latency::from_live(&live, job.created, latency_labels(m, job, inputs.batch_size, rec));
+    let latency = report::Latency::from_live(&live, job.created, labels);
     let input_bytes = inputs.video_info.size_bytes + inputs.audio_info.size_bytes;
     let ratio = rec.output_bytes.filter(|_| input_bytes > 0).map(|o| o as f64 / input_bytes as f64);
     let rtf = rec.output_seconds.filter(|_| processing > 0.0).map(|o| o / processing);
@@ -779,11 +781,10 @@ fn record_job_span(job: &Job, inputs: &JobInput, report: &Report) {
 
 /// A finished job's metrics: the outcome counter, the job histogram with its exemplar,
 /// sizes, ratio, realtime factor.
-fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Report) {
+fn record_job_metrics(m: &JobManager, job: &Job, state: JobState, report: &Report, config: LatencyLabels) {
     let mode = job.mode.as_str();
     let labels = JobLabels { mode, backend: job.backend, outcome: state.as_str() };
     m.metrics.job.jobs.get_or_create(&labels).inc();
-    let config = report.latency.labels(mode);
     Metrics::observe_traced(&m.metrics.job.job_duration, &JobDurationLabels::new(job.backend, state.as_str(), &config), report.total_seconds, &job.trace_id);
     let ml = ModeLabels { mode };
     m.metrics.job.input_size.get_or_create(&InputLabels { mode, kind: "video" }).observe(report.files.video_bytes as f64);

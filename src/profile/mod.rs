@@ -383,8 +383,9 @@ impl ProfileReport {
     pub fn taken(t: &Taken, rate_hz: u32, dir: &Path, url: String, title: &str, stages: &[(String, SystemTime, SystemTime)]) -> Result<Self, Unavailable> {
         let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(|e| Unavailable::new(Reason::PySpyFailed, format!("writing {name}: {e}")));
         write(SPEEDSCOPE_FILE, &serde_json::to_vec(&t.trace.speedscope(title)).unwrap_or_default())?;
-        write(COLLAPSED_FILE, t.trace.collapsed(rate_hz).as_bytes())?;
-        write(SVG_FILE, &t.trace.flamegraph_svg(rate_hz, title).map_err(|e| Unavailable::new(Reason::PySpyFailed, e))?)?;
+        let collapsed = t.trace.collapsed(rate_hz);
+        write(COLLAPSED_FILE, collapsed.as_bytes())?;
+        write(SVG_FILE, &trace::Trace::flamegraph_svg(&collapsed, title).map_err(|e| Unavailable::new(Reason::PySpyFailed, e))?)?;
         let us = |at: SystemTime| match at.duration_since(t.origin) {
             Ok(d) => d.as_secs_f64() * 1e6,
             Err(e) => -e.duration().as_secs_f64() * 1e6,

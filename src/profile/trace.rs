@@ -175,9 +175,9 @@ impl Trace {
         out
     }
 
-    /// A flamegraph (SVG) of the whole profile.
-    pub fn flamegraph_svg(&self, rate_hz: u32, title: &str) -> Result<Vec<u8>, String> {
-        let collapsed = self.collapsed(rate_hz);
+    /// A flamegraph (SVG) of the whole profile, from its [`collapsed`](Self::collapsed)
+    /// stacks (made once for both files).
+    pub fn flamegraph_svg(collapsed: &str, title: &str) -> Result<Vec<u8>, String> {
         let mut opts = inferno::flamegraph::Options::default();
         opts.title = title.to_string();
         opts.count_name = "samples".into();
@@ -382,7 +382,7 @@ mod tests {
         assert!(c.contains("process 7:\"python x.py\";<module> (x.py:10);main (x.py:8);stage_a (x.py:4) 30\n"), "{c}");
         assert!(c.contains(";stage_b (x.py:6);helper (y.py:2) 20\n"), "{c}");
         assert!(c.contains("worker_loop (w.py:3) 30\n"), "{c}");
-        let svg = String::from_utf8(t.flamegraph_svg(100, "job").unwrap()).unwrap();
+        let svg = String::from_utf8(Trace::flamegraph_svg(&t.collapsed(100), "job").unwrap()).unwrap();
         assert!(svg.starts_with("<?xml") && svg.contains("stage_a") && svg.contains("</svg>"), "{svg}");
     }
 
