@@ -23,20 +23,29 @@ die() {
     exit 1
 }
 
+# Waits up to 10 s for PID to exit after its SIGTERM, then kills it.
+reap() {
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
 stop_all() {
     [ -d "$state" ] || return 0
+    # All told at once, then each waited for: they drain side by side.
     for pidfile in "$state"/*.pid; do
-        [ -e "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        kill -TERM "$pid" 2>/dev/null || true
+        [ -e "$pidfile" ] && kill -TERM "$(cat "$pidfile")" 2>/dev/null
     done
     for pidfile in "$state"/*.pid; do
         [ -e "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
+        reap "$(cat "$pidfile")"
         rm -f "$pidfile"
     done
+}
+
+# Polls `$@` every 0.1 s for up to 60 s; fails if it never succeeds.
+poll() {
+    for _ in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    return 1
 }
 
 # Starts replica NAME from its recorded command line; prints its JSON line once ready.
@@ -53,11 +62,7 @@ start_replica() {
         sleep 0.1
     done
     [ -n "$addr" ] || die "sidecar $name did not start listening"
-    for _ in $(seq 600); do
-        curl -fsS "http://$addr/readyz" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -fsS "http://$addr/readyz" >/dev/null 2>&1 || die "sidecar $name is not ready: $(tail -3 "$state/$name/sidecar.log")"
+    poll curl -fsS "http://$addr/readyz" || die "sidecar $name is not ready: $(tail -3 "$state/$name/sidecar.log")"
     # From now on it restarts on this port, where the proxy expects it.
     sed -i "s|--listen 127.0.0.1:0 |--listen $addr |" "$state/$name.cmd"
     echo "$addr" >"$state/$name.addr"
@@ -77,8 +82,7 @@ case "${1:-}" in
             # Only if it is still that replica (a pid can be reused after a crash).
             if grep -q -- "--instance-name" "/proc/$pid/cmdline" 2>/dev/null; then
                 kill -TERM "$pid" 2>/dev/null || true
-                for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-                kill -KILL "$pid" 2>/dev/null || true
+                reap "$pid"
             fi
         fi
         start_replica "$name"

@@ -270,13 +270,15 @@ fn dockerfile_builds_slim_non_root_images_with_ffmpeg() {
         "builder image"
     );
     let run = build.instr("RUN").collect::<Vec<_>>().join("\n");
-    let run_build = run.clone();
     let bin = cargo["bin"][0]["name"].as_str().unwrap();
     assert!(
         run.contains(&format!("cargo build --release --locked --bin {bin}")),
         "{run}"
     );
     assert!(run.contains(&format!("/out/{bin}")), "{run}");
+    // The probe helper is built and installed beside it (the runtime image copies it).
+    let helper = cargo["bin"][1]["name"].as_str().unwrap();
+    assert!(run.contains(&format!("--bin {helper}")) && run.contains(&format!("/out/{helper}")), "{run}");
     // COPY sources exist and pass Dockerfile.dockerignore.
     let ignore = read("deploy/Dockerfile.dockerignore");
     let allowed: Vec<&str> = ignore
@@ -384,7 +386,6 @@ fn dockerfile_builds_slim_non_root_images_with_ffmpeg() {
         if n == "runtime" {
             let helper = cargo["bin"][1]["name"].as_str().unwrap();
             expected.push(format!("--from=build /out/{helper} /usr/local/bin/{helper}"));
-            assert!(run_build.contains(&format!("--bin {helper}")) && run_build.contains(&format!("/out/{helper}")), "{run_build}");
         }
         assert_eq!(copy, expected, "{n}");
         let entry: Vec<&str> = st.instr("ENTRYPOINT").collect();

@@ -14,10 +14,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{Cluster, owner};
-use common::media::media;
+use common::media::{file_part, media};
 use futures::StreamExt;
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use serde_json::Value;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -97,7 +97,7 @@ async fn avatars_and_a_replica_lost(c: &mut Cluster) {
         assert_eq!(speakers.len(), 3, "{a} spoken from every replica: {speakers:?}");
     }
     // A streamed speak passes through the proxy as the replica writes it.
-    let form = Form::new().text("stream", "true").part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"));
+    let form = Form::new().text("stream", "true").part("audio", file_part(&media().audio, "a.wav"));
     let r = c.client.post(c.url("/v1/avatars/alice/speak")).multipart(form).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["content-type"], "video/mp4");
@@ -131,7 +131,7 @@ async fn avatars_and_a_replica_lost(c: &mut Cluster) {
         }
     }
     assert_eq!(c.prepare_jobs().await, prepared, "nothing was prepared twice");
-    let (status, v) = c.json(c.client.post(c.url("/v1/avatars")).multipart(Form::new().text("avatar_id", "alice").part("video", Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4")))).await;
+    let (status, v) = c.json(c.client.post(c.url("/v1/avatars")).multipart(Form::new().text("avatar_id", "alice").part("video", file_part(&media().video, "v.mp4")))).await;
     assert_eq!((status, v["error"].as_str()), (StatusCode::CONFLICT, Some("avatar_exists")), "{v}");
     let during = c.shared_files();
     assert!(before.is_subset(&during), "no file lost: {:?}", before.difference(&during).collect::<Vec<_>>());

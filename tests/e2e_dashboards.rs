@@ -15,7 +15,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -681,13 +681,6 @@ fn promql_scanner_finds_selectors() {
 // ---------------------------------------------------------------------------------------
 // The repository's prometheus.yml, run by the real Prometheus.
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// prometheus.yml with only what a test must change: the sidecar target (the compose
 /// service `sidecar:8000` → the test's port), 1 s intervals, and the rule file paths made
@@ -764,7 +757,7 @@ impl RepoPrometheus {
         let log_path = dir.path().join("prometheus.log");
         let mut last = String::new();
         for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
             let log = std::fs::File::create(&log_path).unwrap();
             // The flags the README documents, plus a private TSDB and port.
             let mut child = Command::new("prometheus")

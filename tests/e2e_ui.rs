@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::net::TcpListener;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -126,9 +126,6 @@ fn find_tool(env: &str, names: &[&str]) -> PathBuf {
     panic!("{} not found (set {env}); install it: scripts/ensure-deps.sh chromium (Debian packages chromium, chromium-driver), or run scripts/test.sh", names[0])
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 impl Browser {
     async fn start() -> Browser {
@@ -136,7 +133,7 @@ impl Browser {
         let chromedriver = find_tool("CHROMEDRIVER", &["chromedriver"]);
         let profile = tempfile::Builder::new().prefix("musetalk-ui-chromium-").tempdir().unwrap();
         let log = profile.path().join("chromedriver.log");
-        let port = free_port();
+        let port = common::free_port();
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::media::{media, real_world};
+use common::media::{file_part, media, real_world};
 use common::prometheus::sample;
 use common::service::{ServiceBuilder, json};
 use musetalk_sidecar::pipeline::media::{self, MediaInfo, ProbeError};
@@ -234,14 +234,14 @@ async fn the_service_refuses_a_file_that_crashes_its_helper_and_serves_the_next(
     let script = misbehaving_helper(dir.path());
     let svc = ServiceBuilder::new().arg("--probe-helper").arg(&script).arg("--probe-timeout").arg("2s").start().await;
     svc.wait_ready().await;
-    let form = |video: Part| Form::new().part("video", video).part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"));
+    let form = |video: Part| Form::new().part("video", video).part("audio", file_part(&media().audio, "a.wav"));
     for (marker, says) in [("ABORT-MARKER", "crashed the media reader"), ("HANG-MARKER", "could not be read within 2 s")] {
         let crafted = Part::bytes(format!("{marker} crafted").into_bytes()).file_name("v.mp4");
         let (status, body) = json(svc.client().post(svc.url("/v1/inference")).multipart(form(crafted)).send().await.unwrap()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(body["error"], "invalid_video", "{body}");
         assert!(body["detail"].as_str().unwrap().contains(says), "{body}");
-        let good = Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4");
+        let good = file_part(&media().video, "v.mp4");
         let (status, body) = json(svc.client().post(svc.url("/v1/inference")).multipart(form(good)).send().await.unwrap()).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["state"], "succeeded", "{body}");

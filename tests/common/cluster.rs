@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use serde_json::Value;
 
 use super::media::media;
@@ -28,10 +28,6 @@ pub struct Cluster {
     /// Replica name → its own address (what Prometheus scrapes).
     pub addrs: BTreeMap<String, SocketAddr>,
     pub client: reqwest::Client,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Cluster {
@@ -61,7 +57,7 @@ impl Cluster {
         // (as a volume is on Kubernetes): uploads then move across filesystems.
         let shm = Path::new("/dev/shm");
         let shared = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
-        let mut c = Cluster { state: tempfile::tempdir().unwrap(), shared, proxy: free_port(), pids: BTreeMap::new(), addrs: BTreeMap::new(), client: reqwest::Client::new() };
+        let mut c = Cluster { state: tempfile::tempdir().unwrap(), shared, proxy: super::free_port(), pids: BTreeMap::new(), addrs: BTreeMap::new(), client: super::service::client() };
         let mut cmd = c.script();
         cmd.args(["up", "--replicas", "3", "--port", &c.proxy.to_string(), "--shared"]).arg(c.shared.path()).arg("--").args(extra);
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
@@ -112,7 +108,7 @@ impl Cluster {
     }
 
     pub fn job_form(&self) -> Form {
-        Form::new().part("video", Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4")).part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"))
+        Form::new().part("video", super::media::file_part(&media().video, "v.mp4")).part("audio", super::media::file_part(&media().audio, "a.wav"))
     }
 
     /// Submits an async job; its id.
@@ -136,7 +132,7 @@ impl Cluster {
     }
 
     pub async fn prepare(&self, avatar: &str) {
-        let form = Form::new().text("avatar_id", avatar.to_string()).part("video", Part::bytes(std::fs::read(&media().video).unwrap()).file_name("v.mp4"));
+        let form = Form::new().text("avatar_id", avatar.to_string()).part("video", super::media::file_part(&media().video, "v.mp4"));
         let (status, v) = self.json(self.client.post(self.url("/v1/avatars")).multipart(form)).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -155,7 +151,7 @@ impl Cluster {
 
     /// Speaks for `avatar` (synchronously); the owner of the speak job.
     pub async fn speak(&self, avatar: &str) -> String {
-        let form = Form::new().part("audio", Part::bytes(std::fs::read(&media().audio).unwrap()).file_name("a.wav"));
+        let form = Form::new().part("audio", super::media::file_part(&media().audio, "a.wav"));
         let (status, v) = self.json(self.client.post(self.url(&format!("/v1/avatars/{avatar}/speak"))).multipart(form)).await;
         assert_eq!(status, StatusCode::OK, "speak {avatar}: {v}");
         assert_eq!(v["state"], "succeeded", "{v}");

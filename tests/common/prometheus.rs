@@ -11,7 +11,7 @@
 // Each test binary uses only part of this module.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,13 +54,6 @@ pub fn config_yaml(targets: &[SocketAddr], extra_config: Option<&str>) -> String
     yaml
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs `promtool` with `args`, feeding `stdin`; returns (success, stdout + stderr).
 pub fn promtool(args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
@@ -139,7 +132,7 @@ impl Prometheus {
         // The port is free when chosen but could be taken before Prometheus binds it: retry.
         let mut last_log = String::new();
         for _attempt in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
             let log = std::fs::File::create(&log_path).expect("create prometheus.log");
             let mut child = Command::new("prometheus")
                 .arg(format!("--config.file={config_s}"))
